@@ -1,0 +1,72 @@
+"""The synthetic tasks, by name. ``make_task(cfg)`` builds one from its config."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from lab.errors import ConfigError
+from lab.tasks.base import Batch, Task, TaskConfig
+from lab.tasks.bigram import BigramConfig, BigramTask
+from lab.tasks.bursty import BurstyConfig, BurstyTask
+from lab.tasks.fewshot import FewshotConfig, FewshotTask
+from lab.tasks.markov import MarkovConfig, MarkovTask
+from lab.tasks.repeat import RepeatConfig, RepeatTask
+
+TASKS: dict[str, tuple[type[TaskConfig], type[Task]]] = {
+    "bursty": (BurstyConfig, BurstyTask),
+    "fewshot": (FewshotConfig, FewshotTask),
+    "bigram": (BigramConfig, BigramTask),
+    "markov": (MarkovConfig, MarkovTask),
+    "repeat": (RepeatConfig, RepeatTask),
+}
+
+
+def _to_plain(cfg):
+    """A dataclass instance or a plain dict from a config (dataclass, mapping or OmegaConf node)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_object(cfg)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return cfg
+
+
+def make_task(cfg) -> Task:
+    """The task named ``cfg.name``, built from ``cfg`` (its config dataclass, a mapping or a DictConfig)."""
+    cfg = _to_plain(cfg)
+    name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
+    if name not in TASKS:
+        raise ConfigError("task.name", name, "one of " + ", ".join(TASKS))
+    config_cls, task_cls = TASKS[name]
+    if not isinstance(cfg, config_cls):
+        values = dict(cfg) if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        for k in values:
+            if k not in fields:
+                raise ConfigError(
+                    f"task.{k}", values[k], f"not a field of the {name} task: " + ", ".join(sorted(fields))
+                )
+        cfg = config_cls(**values)
+    return task_cls(cfg)
+
+
+__all__ = [
+    "TASKS",
+    "make_task",
+    "Batch",
+    "Task",
+    "TaskConfig",
+    "BurstyConfig",
+    "BurstyTask",
+    "FewshotConfig",
+    "FewshotTask",
+    "BigramConfig",
+    "BigramTask",
+    "MarkovConfig",
+    "MarkovTask",
+    "RepeatConfig",
+    "RepeatTask",
+]
