@@ -1,0 +1,439 @@
+"""Artificial optogenetics: clamp any named activation, for any window of training.
+
+A clamp overwrites part of a site element by element,
+
+    x <- where(mask, (1 - s·on(step)) · x + s·on(step) · v, x)
+
+where ``mask`` selects heads and query/key positions, ``v`` comes from a value source, ``s`` is
+the strength and ``on(step)`` is 1 inside the clamp's windows. Everything a clamp needs is data
+traced into the step, so a window opening or closing never recompiles. With ``gradient: stop``
+(the default) nothing flows into what the clamp replaced; with ``through``, gradient flows into
+sources computed from the model (``mean``, ``frozen``... and the un-replaced share when s < 1).
+
+Value sources (SCIENCE.md section 3):
+- ``zero``, ``constant`` (``constant`` field), ``mean`` (over the batch);
+- ``previous_embed`` (residual-width sites such as ``blocks.0.hook_attn_out``): the embedding of the
+  previous position (Singh's ideal layer 0: the embeddings shifted one position; zero at position 0);
+- attention patterns (``hook_pattern`` sites only): ``previous_token``, ``induction`` (token tasks:
+  attend to the token after an earlier occurrence of the current token; classification tasks: at
+  the query, weight ``induction_strength`` on the matching label(s), the rest on the other labels),
+  ``uniform``, ``self``, ``first``;
+- ``ablate``: zero the selected heads of a ``hook_v``/``hook_z``/``hook_result`` site, optionally
+  preserving the later layers' patterns (``preserve: patterns``) or values (``preserve: values``)
+  as an unmodified pass computes them;
+- ``perfect_copy`` (``hook_pattern`` site): the head's attention on the context tokens becomes the
+  output distribution at the selected query positions (logits = log of the attention mass per token);
+- ``reference``: what another run's checkpoint (``reference_dir``, ``reference_step``) computes at
+  this site on the same batch;
+- ``frozen``: what this run's own parameters as they were when the clamp's window opened compute on
+  the current batch: part of the circuit frozen mid-training while the rest learns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lab.errors import LabError, check
+from lab.hooks import Hooks
+
+VALUES = ("zero", "constant", "mean", "previous_embed", "previous_token", "induction", "uniform", "self", "first",
+          "ablate", "perfect_copy", "reference", "frozen")
+PATTERN_VALUES = ("previous_token", "induction", "uniform", "self", "first", "perfect_copy")
+POSITION_WORDS = ("all", "last", "query", "labels", "items")
+
+
+@dataclass
+class ClampConfig:
+    site: str = "blocks.0.attn.hook_pattern"  # TransformerLens site name; globs allowed
+    heads: list[int] | None = None  # heads to clamp (sites with a head axis); null: all
+    query: str = "all"  # positions (query axis): all | last | query | labels | items | "0,3,5"
+    key: str = "all"  # key positions of attention sites, same words
+    value: str = "zero"
+    constant: float = 0.0  # value=constant
+    induction_strength: float = 1.0  # value=induction on classification tasks: Singh's s
+    strength: float = 1.0  # x <- (1 - strength) x + strength v
+    gradient: str = "stop"  # stop | through
+    windows: list[list[int]] = field(default_factory=list)  # [[start, stop), ...]; empty: always on
+    eval: bool = True  # also clamp in evaluation
+    preserve: str = "none"  # value=ablate: none | patterns | values
+    reference_dir: str | None = None  # value=reference: a run directory
+    reference_step: int | None = None  # value=reference: a checkpoint step of that run (default: latest)
+
+
+def _field(name, f):
+    return f"clamps.{name}.{f}"
+
+
+def validate_spec(name: str, c: ClampConfig) -> None:
+    check(c.value in VALUES, _field(name, "value"), c.value, f"one of {', '.join(VALUES)}")
+    check(0.0 <= c.strength <= 1.0, _field(name, "strength"), c.strength, "must be in [0, 1]")
+    check(0.0 <= c.induction_strength <= 1.0, _field(name, "induction_strength"), c.induction_strength,
+          "must be in [0, 1]")
+    check(c.gradient in ("stop", "through"), _field(name, "gradient"), c.gradient, "one of stop, through")
+    check(c.preserve in ("none", "patterns", "values"), _field(name, "preserve"), c.preserve,
+          "one of none, patterns, values")
+    for w in c.windows:
+        check(len(w) == 2 and w[0] >= 0 and (w[1] < 0 or w[1] > w[0]), _field(name, "windows"), list(c.windows),
+              "a list of [start, stop] pairs with 0 <= start < stop (stop -1: to the end)")
+    if c.value == "reference":
+        check(c.reference_dir is not None, _field(name, "reference_dir"), c.reference_dir,
+              "a run directory is needed for value=reference")
+
+
+def _positions(sel: str, n: int, task, fld: str) -> np.ndarray:
+    """Boolean [n] of the positions a selection names."""
+    sel = str(sel).strip()
+    out = np.zeros(n, bool)
+    if sel == "all":
+        out[:] = True
+    elif sel == "last":
+        out[-1] = True
+    elif sel in ("query", "labels", "items"):
+        pos = {"query": task.query_positions, "labels": task.label_positions, "items": task.item_positions}[sel]
+        check(len(pos) > 0, fld, sel, f"the task {task.cfg.name} has no {sel} positions; use all, last or indices")
+        out[list(pos)] = True
+    else:
+        try:
+            idx = [int(t) for t in sel.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            raise LabError(f"{fld}={sel!r}: one of {', '.join(POSITION_WORDS)} or comma-separated indices") from None
+        for i in idx:
+            check(-n <= i < n, fld, sel, f"indices must be in [0, {n})")
+        out[idx] = True
+    return out
+
+
+class _Clamp:
+    """One resolved clamp on one site."""
+
+    def __init__(self, name: str, c: ClampConfig, site: str, shape: tuple, model, task):
+        self.name, self.c, self.site = name, c, site
+        cfg = model.cfg
+        self.layer = int(site.split(".")[1]) if site.startswith("blocks.") else None
+        kind = site.split(".")[-1]
+        self.is_pattern = kind == "hook_pattern"
+        if c.value in PATTERN_VALUES:
+            check(self.is_pattern, _field(name, "site"), site, f"value={c.value} needs an attention pattern site "
+                  "(blocks.L.attn.hook_pattern)")
+        if c.value == "ablate":
+            check(kind in ("hook_v", "hook_z", "hook_result"), _field(name, "site"), site,
+                  "value=ablate needs a blocks.L.attn.hook_v, hook_z or hook_result site")
+        if c.value == "previous_embed":
+            check(kind in ("hook_attn_out", "hook_resid_pre", "hook_resid_post") and shape[-1] == cfg.d_model,
+                  _field(name, "site"), site, "value=previous_embed needs a blocks.L.hook_attn_out, hook_resid_pre "
+                  "or hook_resid_post site")
+        if c.value == "perfect_copy":
+            check(c.heads is not None and len(c.heads) == 1, _field(name, "heads"), c.heads,
+                  "value=perfect_copy needs exactly one head")
+        # axes (without batch): which is heads, which is query/pos, which is key
+        if kind in ("hook_pattern", "hook_attn_scores"):
+            axes = {"head": 0, "query": 1, "key": 2}
+        elif kind in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k"):
+            axes = {"query": 0, "head": 1}
+        else:
+            axes = {"query": 0}
+        mask = np.ones(shape, bool)
+        if c.heads is not None:
+            check("head" in axes, _field(name, "heads"), list(c.heads), f"site {site} has no head axis; use null")
+            n_heads = shape[axes["head"]]
+            for h in c.heads:
+                check(0 <= h < n_heads, _field(name, "heads"), list(c.heads),
+                      f"heads of {site} are 0..{n_heads - 1}")
+            sel = np.zeros(n_heads, bool)
+            sel[list(c.heads)] = True
+            mask &= _expand(sel, axes["head"], len(shape))
+        q = _positions(c.query, shape[axes["query"]], task, _field(name, "query"))
+        mask &= _expand(q, axes["query"], len(shape))
+        if c.key != "all":
+            check("key" in axes, _field(name, "key"), c.key, f"site {site} has no key axis; use all")
+        if "key" in axes:
+            mask &= _expand(_positions(c.key, shape[axes["key"]], task, _field(name, "key")), axes["key"], len(shape))
+        self.mask = jnp.asarray(mask)
+        self.n_heads = cfg.n_heads
+        w = np.array([[a, b if b >= 0 else np.iinfo(np.int32).max] for a, b in c.windows], np.int32).reshape(-1, 2)
+        self.windows = jnp.asarray(w)
+        self.always = len(c.windows) == 0
+        self.starts = tuple(int(a) for a, _ in c.windows)
+
+    def on(self, step) -> jax.Array:
+        if self.always:
+            return jnp.ones((), jnp.float32)
+        s = jnp.asarray(step, jnp.int32)
+        return jnp.any((self.windows[:, 0] <= s) & (s < self.windows[:, 1])).astype(jnp.float32)
+
+
+def _expand(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def _normalise(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows of w scaled to sum to 1, and whether a row had any weight."""
+    tot = w.sum(-1, keepdims=True)
+    return w / jnp.where(tot > 0, tot, 1.0), tot[..., 0] > 0
+
+
+def ideal_pattern(kind: str, batch: dict, task, t: int, strength: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """A hand-designed attention pattern [batch, 1, q, k] and where it is defined [batch, 1, q, 1]."""
+    b = batch["tokens"].shape[0]
+    qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    causal = (ki <= qi).astype(jnp.float32)
+    if kind == "previous_token":
+        w = ((ki == qi - 1) | ((qi == 0) & (ki == 0))).astype(jnp.float32)
+        w = jnp.broadcast_to(w, (b, t, t))
+    elif kind == "self":
+        w = jnp.broadcast_to((ki == qi).astype(jnp.float32), (b, t, t))
+    elif kind == "first":
+        w = jnp.broadcast_to((ki == 0).astype(jnp.float32), (b, t, t))
+    elif kind == "uniform":
+        w = jnp.broadcast_to(causal, (b, t, t))
+    elif kind == "induction":
+        if "query_match" in batch and task.classification:
+            labels = np.zeros(t, np.float32)
+            labels[list(task.label_positions)] = 1.0
+            match = batch["query_match"]  # [b, k]
+            other = (1.0 - match) * labels
+            m, _ = _normalise(match)
+            o, has_other = _normalise(other)
+            s = jnp.where(has_other[:, None], strength, 1.0)
+            row = s * m + (1.0 - s) * o  # [b, k]
+            isq = np.zeros(t, bool)
+            isq[list(task.query_positions)] = True
+            w = jnp.where(jnp.asarray(isq)[None, :, None], row[:, None, :], 0.0)
+        else:
+            tok = batch["tokens"]
+            prev = jnp.concatenate([jnp.full((b, 1), -1, tok.dtype), tok[:, :-1]], axis=1)  # token before k
+            w = ((prev[:, None, :] == tok[:, :, None]) & (ki >= 1) & (ki <= qi)).astype(jnp.float32)
+    else:
+        raise ValueError(kind)
+    w = w * causal
+    w, ok = _normalise(w)
+    return w[:, None], ok[:, None, :, None]
+
+
+class ClampSet:
+    """All clamps of a run, resolved against a model and a task."""
+
+    def __init__(self, specs: dict, model, task, eval_default: bool = True):
+        self.model, self.task = model, task
+        self.specs = dict(specs or {})
+        shapes = _site_shapes(model, task)
+        self.clamps: list[_Clamp] = []
+        for name, c in self.specs.items():
+            validate_spec(name, c)
+            sites = [s for s in shapes if fnmatch.fnmatchcase(s, c.site)]
+            check(len(sites) > 0, _field(name, "site"), c.site,
+                  "no such site; valid sites: " + ", ".join(_site_summary(list(shapes))))
+            for s in sites:
+                self.clamps.append(_Clamp(name, c, s, shapes[s], model, task))
+        self.reference_params = {}
+        for name, c in self.specs.items():
+            if c.value == "reference":
+                self.reference_params[name] = load_reference_params(c.reference_dir, c.reference_step, model)
+        self.frozen_names = sorted({cl.name for cl in self.clamps if cl.c.value == "frozen"})
+
+    def __bool__(self) -> bool:
+        return bool(self.clamps)
+
+    @property
+    def condition(self) -> str:
+        return "+".join(self.specs) if self.specs else "none"
+
+    # ---- state for `frozen` ----------------------------------------------------------------
+    def init_frozen(self, params) -> dict:
+        return {name: jax.tree_util.tree_map(jnp.copy, params) for name in self.frozen_names}
+
+    def update_frozen(self, frozen: dict, params, step) -> dict:
+        """Snapshot the parameters when a frozen clamp's window opens (step == start)."""
+        out = {}
+        for name in self.frozen_names:
+            starts = sorted({s for cl in self.clamps if cl.name == name for s in cl.starts}) or [0]
+            hit = jnp.any(jnp.asarray(starts) == step)
+            out[name] = jax.tree_util.tree_map(lambda p, f, hit=hit: jnp.where(hit, p, f), params, frozen[name])
+        return out
+
+    # ---- the interventions of one forward pass --------------------------------------------
+    def hooks(self, params, batch, step, frozen: dict | None = None, training: bool = True,
+              capture=()) -> Hooks:
+        active = [cl for cl in self.clamps if training or cl.c.eval]
+        if not active:
+            return Hooks(capture=capture)
+        t = batch["tokens"].shape[1]
+        extra: dict[str, dict] = {}  # values computed by extra forward passes, by clamp name
+
+        def pass_sites(p, names):
+            h = Hooks(capture=names)
+            self.model.apply(p, batch, h)
+            return h.cache
+
+        for name in {cl.name for cl in active}:
+            mine = [cl for cl in active if cl.name == name]
+            c = mine[0].c
+            if c.value == "reference":
+                extra[name] = pass_sites(self.reference_params[name], [cl.site for cl in mine])
+            elif c.value == "frozen":
+                extra[name] = pass_sites(frozen[name], [cl.site for cl in mine])
+            elif c.value == "ablate" and c.preserve != "none":
+                layer = min(cl.layer for cl in mine)
+                kind = "hook_pattern" if c.preserve == "patterns" else "hook_v"
+                later = [f"blocks.{l}.attn.{kind}" for l in range(layer + 1, self.model.cfg.n_layers)]
+                extra[name] = pass_sites(params, later)
+        interventions: dict[str, list] = {}
+        shared: dict[str, jax.Array] = {}
+        for cl in active:
+            interventions.setdefault(cl.site, []).append(self._make(cl, batch, step, extra.get(cl.name), t, shared))
+            if cl.c.value == "ablate" and cl.c.preserve != "none":
+                for site, v in extra[cl.name].items():
+                    interventions.setdefault(site, []).append(_overwrite(v, cl, step))
+            if cl.c.value == "perfect_copy":
+                interventions.setdefault("logits", []).append(self._copy_logits(cl, batch, step, shared))
+        if any(cl.c.value == "previous_embed" for cl in active):
+            interventions.setdefault("hook_embed", []).insert(0, _store(shared, "hook_embed"))
+        fns = {site: _chain(fs) for site, fs in interventions.items()}
+        return Hooks(capture=capture, interventions=fns)
+
+    def _make(self, cl: _Clamp, batch, step, extra, t, shared):
+        c = cl.c
+
+        def source(x):
+            if c.value in ("zero", "ablate"):
+                return jnp.zeros_like(x), None
+            if c.value == "constant":
+                return jnp.full_like(x, c.constant), None
+            if c.value == "mean":
+                return jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape), None
+            if c.value in ("reference", "frozen"):
+                return extra[cl.site], None
+            if c.value == "previous_embed":
+                e = shared["hook_embed"]
+                return jnp.concatenate([jnp.zeros_like(e[:, :1]), e[:, :-1]], axis=1), None
+            if c.value == "perfect_copy":
+                return x, None
+            w, ok = ideal_pattern(c.value, batch, self.task, t, c.induction_strength)
+            return jnp.broadcast_to(w, x.shape), ok
+
+        def fn(x):
+            if c.value == "perfect_copy":
+                shared[cl.name] = x
+                return x
+            v, ok = source(x)
+            if c.gradient == "stop":
+                v = jax.lax.stop_gradient(v)
+            mask = cl.mask[None]
+            if ok is not None:
+                mask = mask & ok
+            s = c.strength * cl.on(step)
+            return jnp.where(mask, (1.0 - s) * x + s * v, x)
+
+        return fn
+
+    def _copy_logits(self, cl: _Clamp, batch, step, shared):
+        """Logits at the clamp's query positions <- log of the head's attention mass per context token."""
+        h = cl.c.heads[0]
+        n_out = self.model.n_outputs
+        tokens = batch["tokens"]
+        carries = jnp.ones(tokens.shape, jnp.float32)
+        if "is_feature" in batch:
+            carries = 1.0 - batch["is_feature"].astype(jnp.float32)  # only label tokens are copied
+        onehot = jax.nn.one_hot(tokens, n_out) * carries[..., None]  # [b, k, n_out]
+        qsel = cl.mask.any(axis=(0, 2))  # [q]
+
+        def fn(logits):
+            pat = shared[cl.name][:, h]  # [b, q, k]: the match keeps learning through the ideal copy
+            mass = jnp.einsum("bqk,bkv->bqv", pat, onehot)
+            v = jnp.log(mass + 1e-6)
+            s = cl.c.strength * cl.on(step)
+            return jnp.where(qsel[None, :, None], (1.0 - s) * logits + s * v, logits)
+
+        return fn
+
+
+def _store(shared: dict, key: str):
+    def fn(x):
+        shared[key] = x
+        return x
+
+    return fn
+
+
+def _overwrite(v, cl: _Clamp, step):
+    def fn(x):
+        s = cl.on(step)
+        return jnp.where(s > 0, jax.lax.stop_gradient(v), x)
+
+    return fn
+
+
+def _chain(fs):
+    def fn(x):
+        for f in fs:
+            x = f(x)
+        return x
+
+    return fn
+
+
+def _site_shapes(model, task) -> dict[str, tuple]:
+    """Site name -> shape without the batch axis (traced abstractly: no compute)."""
+    batch = jax.eval_shape(lambda k: task.sample(k, 1), jax.random.PRNGKey(0))
+    names = model.site_names()
+
+    def run(p, b):
+        return model.run_with_cache(p, b, names)[1]
+
+    shapes = jax.eval_shape(run, model.params(), batch)
+    return {n: tuple(shapes[n].shape[1:]) for n in names}
+
+
+def _site_summary(names: list[str]) -> list[str]:
+    """Site names with layer numbers folded into a range, to keep error lines short."""
+    import re
+
+    seen, out = set(), []
+    layers = sorted({int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n))})
+    for n in names:
+        g = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", n)
+        if g not in seen:
+            seen.add(g)
+            out.append(g)
+    if layers:
+        out.append(f"with l in 0..{layers[-1]}")
+    return out
+
+
+def load_reference_params(run_dir: str, step: int | None, model):
+    """Parameters of another run's checkpoint, checked to match this model's shapes."""
+    from lab.checkpoint import Checkpointer
+
+    path = Path(run_dir)
+    ck_dir = path / "checkpoints"
+    if not ck_dir.is_dir():
+        raise LabError(f"reference_dir={run_dir}: not a run directory (no checkpoints/)")
+    ck = Checkpointer(ck_dir, read_only=True)
+    steps = ck.steps()
+    if not steps:
+        raise LabError(f"reference_dir={run_dir}: has no complete checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise LabError(f"reference_step={step}: no checkpoint at that step in {run_dir}; have {steps}")
+    import orbax.checkpoint as ocp
+
+    try:
+        tree = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    except Exception as e:  # a damaged or foreign checkpoint
+        raise LabError(f"reference_dir={run_dir}: checkpoint {step} cannot be read ({type(e).__name__})") from e
+    params = tree["params"]
+    mine = model.params()
+    ok = jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(params) and all(
+        np.shape(a) == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(params),
+                                                    strict=True))
+    if not ok:
+        raise LabError(f"reference_dir={run_dir}: its model does not match this run's model (shapes differ)")
+    return jax.tree_util.tree_map(jnp.asarray, params)

@@ -1,0 +1,195 @@
+"""Typed configs: dataclass schemas in Hydra's ConfigStore, composed from ``configs/``.
+
+``load_config(overrides)`` composes ``configs/config.yaml`` with command-line overrides
+(``experiment=reddy_bursty seed=3 trainer.steps=20000``), checks every field against its schema
+and every value against what is allowed, and returns the typed ``Config``. Anything wrong
+raises ``LabError`` with one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lab.checkpoint import CheckpointConfig
+from lab.clamp import ClampConfig
+from lab.errors import LabError, check
+from lab.model import ModelConfig
+from lab.optim import OptimConfig
+from lab.tasks import TASKS
+from lab.tracking import TrackingConfig
+from lab.train import TrainerConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # the run directory; default runs/<experiment>/<name>
+    root: str = "runs"
+    name: str | None = None  # default: <task>-s<seed>-<date>-<time>
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    seed: int = 0
+    task: Any = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # by name; `clamp=PRESET` fills it, `+clamps.NAME={site: ..., value: ...}` adds one. Checked
+    # against ClampConfig in to_config (a typed dict would refuse a whole clamp given on the command line).
+    clamps: dict[str, Any] = field(default_factory=dict)
+    watch: str | None = None  # metric whose transitions are detected (default: the task's)
+    watch_threshold: float | None = None  # also report the first step the watched metric is below this
+
+    def validate(self) -> None:
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        for part in (self.task, self.model, self.optim, self.trainer, self.checkpoint, self.tracking):
+            part.validate()
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="lab_schema", node=Config)
+    for name, (cfg_cls, _) in TASKS.items():
+        cs.store(group="task", name=f"{name}_schema", node=cfg_cls)
+
+
+_register()
+
+
+def config_dir() -> Path:
+    """``configs/`` of the checkout (or $LAB_CONFIG_DIR)."""
+    env = os.environ.get("LAB_CONFIG_DIR")
+    if env:
+        return Path(env).absolute()
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _one_line(e: Exception) -> str:
+    """Hydra/OmegaConf errors span several lines; keep the message and the key it names."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    key = getattr(e, "full_key", None)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and key is None:
+        key = getattr(cause, "full_key", None)
+        if cause is not None and str(cause).strip():
+            inner = str(cause).strip().splitlines()[0]
+            if inner not in msg:
+                msg = f"{msg}: {inner}"
+    if key and key not in msg:
+        msg = f"{key}: {msg}"
+    return msg
+
+
+def _check_overrides(overrides) -> None:
+    """Name the choices when a config group override picks an option that does not exist, and the
+    fields when an override names a field that does not exist."""
+    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in config_dir().iterdir() if p.is_dir()}
+    for ov in overrides:
+        key, sep, value = ov.lstrip("+~").partition("=")
+        if not sep or key not in groups:
+            continue
+        for v in value.strip("[]").split(",") if value.startswith("[") else [value]:
+            if v.strip() not in groups[key] and v.strip() not in ("null", ""):
+                raise LabError(f"{key}={value}: unknown {key} {v.strip()!r}; one of {', '.join(groups[key])}")
+
+
+def _unknown_key_message(msg: str) -> str | None:
+    import re
+
+    m = re.search(r"Could not override '([\w.]+)'.*Key '(\w+)' not in '(\w+)'", msg)
+    if not m:
+        return None
+    full, key, cls_name = m.groups()
+    import dataclasses
+
+    from lab import checkpoint, model, optim, tracking, train
+    from lab.clamp import ClampConfig
+    from lab.tasks import TASKS
+
+    schemas = (Config, RunConfig, ClampConfig, model.ModelConfig, optim.OptimConfig, train.TrainerConfig,
+               checkpoint.CheckpointConfig, tracking.TrackingConfig, tracking.WandbConfig)
+    classes = {c.__name__: c for c in schemas}
+    classes.update({c.__name__: c for c, _ in TASKS.values()})
+    cls = classes.get(cls_name)
+    allowed = f"; fields: {', '.join(f.name for f in dataclasses.fields(cls))}" if cls else ""
+    return f"{full}: unknown field{allowed}"
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The composed config as an OmegaConf node (schemas checked, values not yet)."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    _check_overrides(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="lab"):
+            cfg = hydra.compose(config_name="config", overrides=list(overrides))
+    except Exception as e:  # hydra and omegaconf raise several types; all are bad input here
+        raise LabError(_unknown_key_message(_one_line(e)) or _one_line(e)) from e
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def to_config(node: DictConfig) -> Config:
+    try:
+        cfg = OmegaConf.to_object(node)
+    except Exception as e:
+        raise LabError(_one_line(e)) from e
+    if not isinstance(cfg, Config):
+        raise LabError("config: not a lab config (missing the lab_schema default)")
+    cfg.clamps = {str(name): _clamp_config(str(name), spec) for name, spec in (cfg.clamps or {}).items()}
+    cfg.validate()
+    return cfg
+
+
+def _clamp_config(name: str, spec) -> ClampConfig:
+    """A clamp given as a mapping, checked field by field against ClampConfig."""
+    import dataclasses
+
+    if isinstance(spec, ClampConfig):
+        return spec
+    if not isinstance(spec, dict):
+        raise LabError(f"clamps.{name}={spec!r}: a mapping of clamp fields, e.g. {{site: ..., value: ...}}")
+    fields = [f.name for f in dataclasses.fields(ClampConfig)]
+    for k in spec:
+        if k not in fields:
+            raise LabError(f"clamps.{name}.{k}: unknown field; fields: {', '.join(fields)}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClampConfig), spec))
+    except Exception as e:
+        raise LabError(f"clamps.{name}.{_one_line(e)}") from e
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, DictConfig]:
+    """The typed, validated config and its OmegaConf node (for writing config.yaml)."""
+    node = compose(overrides)
+    return to_config(node), node
+
+
+def from_yaml(path: str | Path) -> tuple[Config, DictConfig]:
+    """A run's saved config.yaml, checked against the schemas again."""
+    try:
+        raw = OmegaConf.load(path)
+        schema = OmegaConf.structured(Config)
+        name = raw.get("task", {}).get("name")
+        if name not in TASKS:
+            raise LabError(f"task.name={name!r}: one of {', '.join(TASKS)}")
+        schema.task = OmegaConf.structured(TASKS[name][0])
+        node = OmegaConf.merge(schema, raw)
+    except LabError:
+        raise
+    except Exception as e:
+        raise LabError(f"{path}: {_one_line(e)}") from e
+    return to_config(node), node

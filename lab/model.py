@@ -1,0 +1,325 @@
+"""An attention-only transformer with TransformerLens-named sites.
+
+Flax NNX defines and initialises the parameters; training works on the functional core:
+``params`` is a plain nested dict of arrays (``model.params()``), and
+``model.apply(params, batch, hooks)`` is a pure function of it, so it jits, vmaps over runs,
+and checkpoints as an ordinary pytree. Weight names and shapes follow TransformerLens:
+``blocks.{l}.attn.W_Q`` is [n_heads, d_model, d_head], ``W_O`` is [n_heads, d_head, d_model].
+
+Options cover the papers' models: positions learned | sinusoidal | rope | onehot |
+frozen_random | none; LayerNorm on/off; biases on/off; W_O absent (Reddy: heads concatenate);
+W_Q = I (Bietti); no 1/sqrt(d_head) scaling (Reddy); an input adapter for continuous items
+(linear, or identity when the items are already d_model wide); Reddy's ReLU MLP classifier as the
+one optional MLP; any parameter frozen by glob (``freeze: [embed.*, blocks.0.attn.W_V]``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lab.errors import check
+from lab.hooks import NO_HOOKS, Hooks
+
+POSITIONS = ("learned", "sinusoidal", "rope", "onehot", "frozen_random", "none")
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 2
+    n_heads: int = 8
+    d_model: int = 64
+    d_head: int | None = None  # default d_model // n_heads
+    positions: str = "learned"
+    layernorm: bool = True
+    bias: bool = True
+    use_wo: bool = True  # False: heads' outputs concatenate (needs n_heads * d_head == d_model)
+    wq_identity: bool = False  # W_Q fixed to the identity (needs d_head == d_model)
+    attn_scale: bool = True  # divide scores by sqrt(d_head)
+    input_proj: str = "linear"  # how continuous items enter: linear | identity
+    mlp_head: int = 0  # width of Reddy's ReLU MLP classifier on the residual (0: none)
+    mlp_layers: int = 3
+    init_std: float = 0.02
+    rope_base: float = 10000.0
+    freeze: list[str] = field(default_factory=list)  # globs over parameter names
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head if self.d_head is not None else self.d_model // max(self.n_heads, 1)
+
+    def validate(self) -> None:
+        check(self.n_layers >= 1, "model.n_layers", self.n_layers, "must be >= 1")
+        check(self.n_heads >= 1, "model.n_heads", self.n_heads, "must be >= 1")
+        check(self.d_model >= 1, "model.d_model", self.d_model, "must be >= 1")
+        if self.d_head is None:
+            check(self.d_model % self.n_heads == 0, "model.d_model", self.d_model,
+                  f"must be divisible by model.n_heads={self.n_heads} (or set model.d_head)")
+        else:
+            check(self.d_head >= 1, "model.d_head", self.d_head, "must be >= 1")
+        check(self.positions in POSITIONS, "model.positions", self.positions, f"one of {', '.join(POSITIONS)}")
+        if self.positions == "rope":
+            check(self.head_dim % 2 == 0, "model.d_head", self.head_dim, "must be even for rope positions")
+        if not self.use_wo:
+            check(self.n_heads * self.head_dim == self.d_model, "model.use_wo", self.use_wo,
+                  "false needs n_heads * d_head == d_model")
+        if self.wq_identity:
+            check(self.head_dim == self.d_model, "model.wq_identity", self.wq_identity,
+                  f"true needs d_head == d_model, got d_head={self.head_dim}")
+        check(self.input_proj in ("linear", "identity"), "model.input_proj", self.input_proj, "one of linear, identity")
+        check(self.mlp_head >= 0, "model.mlp_head", self.mlp_head, "must be >= 0")
+        check(self.mlp_layers >= 1, "model.mlp_layers", self.mlp_layers, "must be >= 1")
+        check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+
+
+class Const(nnx.Variable):
+    """A fixed array (frozen random embeddings, W_Q = I): part of the model, never trained."""
+
+
+def _normal(rngs, shape, std):
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+def sinusoidal(n_pos: int, d: int) -> jax.Array:
+    pos = jnp.arange(n_pos, dtype=jnp.float32)[:, None]
+    i = jnp.arange(d, dtype=jnp.float32)[None, :]
+    angle = pos / jnp.power(10000.0, (2 * (i // 2)) / d)
+    return jnp.where(i % 2 == 0, jnp.sin(angle), jnp.cos(angle))
+
+
+def rope(x: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding of x [batch, pos, head, d_head] (half-split layout)."""
+    t, dh = x.shape[1], x.shape[-1]
+    inv = 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    ang = jnp.arange(t, dtype=jnp.float32)[:, None] * inv[None, :]  # [pos, dh/2]
+    cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def layer_norm(x, w, b, eps=1e-5):
+    mu = jnp.mean(x, -1, keepdims=True)
+    xc = x - mu
+    var = jnp.mean(xc * xc, -1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + eps) * w + b
+
+
+class _Weights(nnx.Module):
+    """The parameters (nnx.Param) and fixed arrays (Const) of a Transformer, initialised."""
+
+    def __init__(self, cfg: ModelConfig, seq_len: int, vocab_size: int, n_outputs: int, feature_dim: int, seed: int):
+        rngs = nnx.Rngs(params=seed)
+        d, h, dh, std = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.init_std
+        P = nnx.Param
+        self.embed = nnx.Dict(W_E=P(_normal(rngs, (vocab_size, d), std)))
+        if feature_dim and cfg.input_proj == "linear":
+            self.embed["W_in"] = P(_normal(rngs, (feature_dim, d), 1.0 / math.sqrt(feature_dim)))
+            self.embed["b_in"] = P(jnp.zeros((d,)))
+        pos = {"learned": lambda: P(_normal(rngs, (seq_len, d), std)),
+               "frozen_random": lambda: Const(_normal(rngs, (seq_len, d), 1.0 / math.sqrt(d))),
+               "sinusoidal": lambda: Const(sinusoidal(seq_len, d)),
+               "onehot": lambda: Const(jnp.eye(seq_len, d))}
+        self.pos_embed = nnx.Dict(W_pos=pos[cfg.positions]()) if cfg.positions in pos else nnx.Dict()
+        blocks = []
+        for _ in range(cfg.n_layers):
+            attn = nnx.Dict(
+                W_Q=Const(jnp.eye(d)[None]) if cfg.wq_identity else P(_normal(rngs, (h, d, dh), 1 / math.sqrt(d))),
+                W_K=P(_normal(rngs, (h, d, dh), 1 / math.sqrt(d))),
+                W_V=P(_normal(rngs, (h, d, dh), 1 / math.sqrt(d))),
+            )
+            if cfg.wq_identity and h > 1:
+                attn["W_Q"] = Const(jnp.broadcast_to(jnp.eye(d)[None], (h, d, d)))
+            if cfg.use_wo:
+                attn["W_O"] = P(_normal(rngs, (h, dh, d), 1 / math.sqrt(h * dh)))
+            if cfg.bias:
+                for nm in ("b_Q", "b_K", "b_V"):
+                    attn[nm] = P(jnp.zeros((h, dh)))
+                if cfg.use_wo:
+                    attn["b_O"] = P(jnp.zeros((d,)))
+            blk = nnx.Dict(attn=attn)
+            if cfg.layernorm:
+                blk["ln1"] = nnx.Dict(w=P(jnp.ones((d,))), b=P(jnp.zeros((d,))))
+            blocks.append(blk)
+        self.blocks = nnx.List(blocks)
+        if cfg.layernorm:
+            self.ln_final = nnx.Dict(w=P(jnp.ones((d,))), b=P(jnp.zeros((d,))))
+        width = d
+        if cfg.mlp_head:
+            mlp = nnx.Dict()
+            for i in range(cfg.mlp_layers):
+                mlp[f"W_{i}"] = P(_normal(rngs, (width, cfg.mlp_head), math.sqrt(2.0 / width)))
+                mlp[f"b_{i}"] = P(jnp.zeros((cfg.mlp_head,)))
+                width = cfg.mlp_head
+            self.mlp = mlp
+        self.unembed = nnx.Dict(W_U=P(_normal(rngs, (width, n_outputs), 1 / math.sqrt(width))),
+                                b_U=P(jnp.zeros((n_outputs,))))
+
+
+class Transformer:
+    """Holds the config and initial parameters; ``apply`` is the pure forward pass."""
+
+    def __init__(self, cfg: ModelConfig, *, seq_len: int, vocab_size: int, n_outputs: int,
+                 feature_dim: int = 0, seed: int = 0):
+        cfg.validate()
+        if feature_dim and cfg.input_proj == "identity":
+            check(feature_dim == cfg.d_model, "model.input_proj", cfg.input_proj,
+                  f"identity needs d_model == the task's feature width {feature_dim}, got d_model={cfg.d_model}")
+        self.cfg = cfg
+        self.seq_len, self.vocab_size, self.n_outputs, self.feature_dim = seq_len, vocab_size, n_outputs, feature_dim
+        weights = _Weights(cfg, seq_len, vocab_size, n_outputs, feature_dim, seed)
+        _, params, consts = nnx.split(weights, nnx.Param, Const)
+        self._init_params = _str_keys(params.to_pure_dict())
+        self._consts = _str_keys(consts.to_pure_dict())
+
+    # ---- the functional core -------------------------------------------------------------
+    def params(self) -> dict:
+        """The trainable parameters at initialisation, as a nested dict of fresh arrays (safe to donate)."""
+        return jax.tree_util.tree_map(jnp.copy, self._init_params)
+
+    def param_names(self) -> list[str]:
+        return [name for name, _ in flat_params(self._init_params)]
+
+    def frozen_mask(self, params: dict) -> dict:
+        """A pytree of bools like ``params``: True where the parameter is frozen by ``cfg.freeze``."""
+        pats = list(self.cfg.freeze)
+        return unflatten_like(params, [any(fnmatch.fnmatchcase(n, p) for p in pats) for n, _ in flat_params(params)])
+
+    def site_names(self) -> list[str]:
+        cfg = self.cfg
+        names = ["hook_embed"]
+        if cfg.positions in ("learned", "frozen_random", "sinusoidal", "onehot"):
+            names.append("hook_pos_embed")
+        for layer in range(cfg.n_layers):
+            b = f"blocks.{layer}"
+            names.append(f"{b}.hook_resid_pre")
+            if cfg.layernorm:
+                names.append(f"{b}.ln1.hook_normalized")
+            names += [f"{b}.attn.hook_{s}" for s in ("q", "k", "v")]
+            if cfg.positions == "rope":
+                names += [f"{b}.attn.hook_rot_q", f"{b}.attn.hook_rot_k"]
+            names += [f"{b}.attn.hook_{s}" for s in ("attn_scores", "pattern", "z", "result")]
+            names += [f"{b}.hook_attn_out", f"{b}.hook_resid_post"]
+        if cfg.layernorm:
+            names.append("ln_final.hook_normalized")
+        names.append("logits")
+        return names
+
+    def apply(self, params: dict, batch: dict, hooks: Hooks = NO_HOOKS) -> jax.Array:
+        """Logits [batch, pos, n_outputs]. Sites go through ``hooks`` (read or overwrite)."""
+        cfg = self.cfg
+        p = merge_consts(params, self._consts)
+        tokens = batch["tokens"]
+        x = p["embed"]["W_E"][tokens]
+        if self.feature_dim:
+            feats = batch["features"]
+            fx = feats if cfg.input_proj == "identity" else feats @ p["embed"]["W_in"] + p["embed"]["b_in"]
+            x = jnp.where(batch["is_feature"][..., None], fx, x)
+        x = hooks("hook_embed", x)
+        t = tokens.shape[1]
+        if "W_pos" in p.get("pos_embed", {}):
+            pe = hooks("hook_pos_embed", jnp.broadcast_to(p["pos_embed"]["W_pos"][:t], x.shape))
+            x = x + pe
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        for layer in range(cfg.n_layers):
+            b, a = f"blocks.{layer}", p["blocks"][str(layer)]["attn"]
+            x = hooks(f"{b}.hook_resid_pre", x)
+            xin = x
+            if cfg.layernorm:
+                ln = p["blocks"][str(layer)]["ln1"]
+                xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
+            q = jnp.einsum("bpd,hde->bphe", xin, a["W_Q"])
+            k = jnp.einsum("bpd,hde->bphe", xin, a["W_K"])
+            v = jnp.einsum("bpd,hde->bphe", xin, a["W_V"])
+            if cfg.bias:
+                q, k, v = q + a["b_Q"], k + a["b_K"], v + a["b_V"]
+            q, k, v = (hooks(f"{b}.attn.hook_{s}", y) for s, y in (("q", q), ("k", k), ("v", v)))
+            if cfg.positions == "rope":
+                q = hooks(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base))
+                k = hooks(f"{b}.attn.hook_rot_k", rope(k, cfg.rope_base))
+            scores = jnp.einsum("bqhe,bkhe->bhqk", q, k)
+            if cfg.attn_scale:
+                scores = scores / math.sqrt(cfg.head_dim)
+            scores = hooks(f"{b}.attn.hook_attn_scores", jnp.where(causal, scores, -jnp.inf))
+            pattern = hooks(f"{b}.attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
+            z = hooks(f"{b}.attn.hook_z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
+            if not cfg.use_wo:
+                result = hooks(f"{b}.attn.hook_result", z) if hooks.wants(f"{b}.attn.hook_result") else z
+                out = result.reshape(result.shape[0], t, -1)
+            elif hooks.overwrites(f"{b}.attn.hook_result"):
+                result = hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
+                out = result.sum(axis=2)
+            else:  # fused over heads; per-head results are computed only to be read
+                out = jnp.einsum("bqhe,hed->bqd", z, a["W_O"])
+                if hooks.wants(f"{b}.attn.hook_result"):
+                    hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
+            if cfg.use_wo and cfg.bias:
+                out = out + a["b_O"]
+            out = hooks(f"{b}.hook_attn_out", out)
+            x = hooks(f"{b}.hook_resid_post", x + out)
+        if cfg.layernorm:
+            x = hooks("ln_final.hook_normalized", layer_norm(x, p["ln_final"]["w"], p["ln_final"]["b"]))
+        if cfg.mlp_head:
+            for i in range(cfg.mlp_layers):
+                x = jax.nn.relu(x @ p["mlp"][f"W_{i}"] + p["mlp"][f"b_{i}"])
+        logits = x @ p["unembed"]["W_U"] + p["unembed"]["b_U"]
+        return hooks("logits", logits)
+
+    def run_with_cache(self, params: dict, batch: dict, names=None) -> tuple[jax.Array, dict]:
+        """Logits and a cache of the named sites (all sites when ``names`` is None)."""
+        hooks = Hooks(capture=self.site_names() if names is None else names)
+        logits = self.apply(params, batch, hooks)
+        return logits, hooks.cache
+
+
+def build_model(cfg: ModelConfig, task, seed: int) -> Transformer:
+    return Transformer(cfg, seq_len=task.seq_len, vocab_size=task.vocab_size, n_outputs=task.n_outputs,
+                       feature_dim=task.feature_dim, seed=seed)
+
+
+# ---- small pytree helpers --------------------------------------------------------------------
+def flat_params(tree, prefix: str = ""):
+    """(dotted name, leaf) pairs of a nested dict/list, in a stable order."""
+    if isinstance(tree, dict):
+        items = sorted(tree.items(), key=lambda kv: str(kv[0]))
+    elif isinstance(tree, (list, tuple)):
+        items = list(enumerate(tree))
+    else:
+        return [(prefix, tree)]
+    out = []
+    for k, v in items:
+        out += flat_params(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def unflatten_like(tree, leaves: list):
+    it = iter(leaves)
+
+    def rebuild(t):
+        if isinstance(t, dict):
+            return {k: rebuild(t[k]) for k in sorted(t, key=str)}
+        if isinstance(t, (list, tuple)):
+            return type(t)(rebuild(v) for v in t)
+        return next(it)
+
+    return rebuild(tree)
+
+
+def _str_keys(tree):
+    """Nested dicts with string keys only (nnx.List gives int keys; checkpoints want strings)."""
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def merge_consts(params, consts):
+    """Params and constants as one nested structure (constants fill in what params lack)."""
+    if isinstance(params, dict) or isinstance(consts, dict):
+        params = params if isinstance(params, dict) else {}
+        consts = consts if isinstance(consts, dict) else {}
+        keys = set(params) | set(consts)
+        return {k: merge_consts(params.get(k), consts.get(k)) for k in keys}
+    return params if params is not None else consts

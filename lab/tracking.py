@@ -1,0 +1,127 @@
+"""Where logged rows go: ``metrics.jsonl`` in the run directory, and a wandb run.
+
+wandb is offline by default (no account, no network: the run lands in ``RUN_DIR/wandb`` and
+``wandb sync`` uploads it later), online when the user asks and has a key, or disabled. wandb
+must never break a run: if it cannot start, the lab warns once and keeps logging locally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab.errors import check
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "induction-lab"
+    entity: str | None = None
+    group: str | None = None  # default: the experiment name
+    job_type: str | None = None  # default: the clamp condition ("none" without clamps), else "train"
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check(self.mode in WANDB_MODES, "tracking.wandb.mode", self.mode, f"one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        self.wandb.validate()
+
+
+def _clean(v):
+    """JSON-safe scalar: NaN and infinities become strings JSON can hold."""
+    v = float(v) if not isinstance(v, (int, str, bool)) else v
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl file (a torn last line from a crash is skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+class Tracker:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to wandb."""
+
+    def __init__(self, run_dir: Path, cfg: TrackingConfig, config: dict, name: str, group: str,
+                 job_type: str, resume: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a")
+        self.run = None
+        wb = cfg.wandb
+        if wb.mode == "disabled":
+            return
+        try:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.run = wandb.init(
+                dir=str(run_dir), mode=wb.mode, project=wb.project, entity=wb.entity,
+                group=wb.group or group, job_type=wb.job_type or job_type, tags=list(wb.tags),
+                name=name, config=config, id=_wandb_id(run_dir), resume="allow" if resume else None,
+                settings=wandb.Settings(console="off", quiet=True),
+            )
+        except Exception as e:  # wandb must never stop a run
+            warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); logging to metrics.jsonl only",
+                          stacklevel=2)
+            self.run = None
+
+    def log(self, row: dict) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            try:
+                self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+            except Exception as e:
+                print(f"warning: wandb log failed ({e}); continuing", file=sys.stderr)
+                self.run = None
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            try:
+                for k, v in values.items():
+                    if isinstance(v, (int, float, str)):
+                        self.run.summary[k] = v
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._file.close()
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception as e:
+                print(f"warning: wandb finish failed ({e})", file=sys.stderr)
+            self.run = None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).absolute()).encode()).hexdigest()[:16]

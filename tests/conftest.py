@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+ROOT = Path(__file__).resolve().parent.parent
+
+# A tiny run on the demo task: a few seconds on a CPU, same shapes in every test that uses it.
+TINY = [
+    "experiment=demo", "tracking.wandb.mode=disabled", "trainer.progress=false",
+    "trainer.steps=60", "trainer.batch_size=16", "trainer.steps_per_call=10", "trainer.eval_every=20",
+    "trainer.eval_log_points=0", "checkpoint.every=30", "checkpoint.log_points=0",
+    "model.d_model=16", "model.n_heads=2", "task.vocab_size=32", "task.seg_len=8", "task.seq_len=16",
+    "task.eval_size=40", "optim.lr=3e-3",
+]
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)
+
+
+def lab_cmd(*args):
+    return [sys.executable, "-m", "lab.cli", *args]

@@ -1,0 +1,174 @@
+"""Clamping: what must hold for an intervention to mean what it says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lab.checkpoint import Checkpointer
+from lab.clamp import ClampConfig, ideal_pattern
+from lab.cli import main
+from lab.config import load_config
+from lab.train import Trainer, masked_nll
+from tests.conftest import TINY
+
+ONE_HEAD = TINY + ["model.n_heads=1", "model.d_model=16"]
+
+
+def setup(overrides=TINY, clamps=None):
+    cfg, _ = load_config(overrides)
+    cfg.clamps = clamps or {}
+    return Trainer(cfg)
+
+
+def loss_and_grads(tr, params, batch, step, frozen=None):
+    return jax.value_and_grad(tr.clamped_loss)(params, batch, jnp.int32(step), frozen)
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
+
+
+@pytest.fixture(scope="module")
+def base():
+    tr = setup()
+    batch = tr.batch_at(jax.random.PRNGKey(3), 0)
+    return tr, tr.model.params(), batch
+
+
+def test_strength_zero_and_closed_window_change_nothing(base):
+    tr0, params, batch = base
+    ref = loss_and_grads(tr0, params, batch, 5)
+    for clamp in (ClampConfig(site="blocks.*.attn.hook_pattern", value="previous_token", strength=0.0),
+                  ClampConfig(site="blocks.0.hook_attn_out", value="zero", windows=[[10, 20]]),
+                  ClampConfig(site="blocks.0.hook_attn_out", value="zero", windows=[[0, 3]])):
+        tr = setup(clamps={"c": clamp})
+        got = loss_and_grads(tr, params, batch, 5)
+        assert float(got[0]) == float(ref[0])
+        assert leaves_equal(got[1], ref[1])
+
+
+def test_open_window_changes_loss(base):
+    tr0, params, batch = base
+    tr = setup(clamps={"c": ClampConfig(site="blocks.0.hook_attn_out", value="zero", windows=[[0, 3], [10, 20]])})
+    ref = float(tr0.clamped_loss(params, batch, 5))
+    assert float(tr.clamped_loss(params, batch, 12)) != ref
+    assert float(tr.clamped_loss(params, batch, 1)) != ref
+    assert float(tr.clamped_loss(params, batch, 20)) == ref  # stop is exclusive
+
+
+def test_reference_to_same_parameters_leaves_logits(base, tmp_path):
+    tr0, params, batch = base
+    ck = Checkpointer(tmp_path / "ref" / "checkpoints")
+    ck.save(0, tr0.init_state())
+    ck.close()
+    tr = setup(clamps={"r": ClampConfig(site="blocks.*.attn.hook_pattern", value="reference",
+                                        reference_dir=str(tmp_path / "ref"), reference_step=0)})
+    clean = tr0.model.apply(params, batch)
+    clamped = tr.model.apply(params, batch, tr.clamps.hooks(params, batch, 0))
+    np.testing.assert_allclose(np.asarray(clamped), np.asarray(clean), rtol=1e-6, atol=1e-6)
+
+
+def test_stop_gradient_zeroes_what_feeds_only_the_clamped_site():
+    tr = setup(ONE_HEAD, clamps={"p": ClampConfig(site="blocks.1.attn.hook_pattern", value="uniform")})
+    params = tr.model.params()
+    batch = tr.batch_at(jax.random.PRNGKey(0), 0)
+    _, g = loss_and_grads(tr, params, batch, 0)
+    for name in ("W_Q", "W_K", "b_Q", "b_K"):
+        assert np.all(np.asarray(g["blocks"]["1"]["attn"][name]) == 0.0), name
+    assert np.any(np.asarray(g["blocks"]["1"]["attn"]["W_V"]) != 0.0)
+    assert np.any(np.asarray(g["blocks"]["0"]["attn"]["W_Q"]) != 0.0)
+    # with gradient: through and strength < 1 the un-replaced share still learns
+    tr2 = setup(ONE_HEAD, clamps={"p": ClampConfig(site="blocks.1.attn.hook_pattern", value="uniform", strength=0.5,
+                                                   gradient="through")})
+    _, g2 = loss_and_grads(tr2, params, batch, 0)
+    assert np.any(np.asarray(g2["blocks"]["1"]["attn"]["W_Q"]) != 0.0)
+
+
+def test_training_steps_outside_window_equal_unclamped_and_no_recompilation():
+    clamp = ClampConfig(site="blocks.0.attn.hook_pattern", heads=[0], value="previous_token", windows=[[20, 40]])
+    free = setup()
+    tr = setup(clamps={"w": clamp})
+    s_free, s_cl = free.init_state(), tr.init_state()
+    s_free, _ = free.advance(s_free, 20)
+    s_cl, _ = tr.advance(s_cl, 20)
+    assert leaves_equal(s_free["params"], s_cl["params"])  # before the window: identical
+    s_free, _ = free.advance(s_free, 20)
+    s_cl, _ = tr.advance(s_cl, 20)
+    assert not leaves_equal(s_free["params"], s_cl["params"])  # inside: different
+    # after the window closes, a step from the same state equals the unclamped step
+    a, _ = free.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
+    b, _ = tr.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
+    assert leaves_equal(a["params"], b["params"])
+    assert tr.scan_fn._cache_size() == 1 and tr.step_fn._cache_size() == 1  # windows are data
+
+
+def test_frozen_equals_reference_to_checkpoint_of_same_run(tmp_path):
+    frozen = ClampConfig(site="blocks.0.attn.hook_pattern", value="frozen", windows=[[20, -1]])
+    tr = setup(clamps={"f": frozen})
+    ck = Checkpointer(tmp_path / "run" / "checkpoints")
+    state = tr.init_state()
+    state, _ = tr.advance(state, 20)
+    ck.save(20, state)
+    ck.close()
+    state, _ = tr.advance(state, 15)
+    assert leaves_equal(state["frozen"]["f"], jax.device_get(Checkpointer(tmp_path / "run" / "checkpoints",
+                                                                          read_only=True).restore(20, state)["params"]))
+    ref = setup(clamps={"r": ClampConfig(site="blocks.0.attn.hook_pattern", value="reference",
+                                         reference_dir=str(tmp_path / "run"), reference_step=20)})
+    batch = tr.batch_at(jax.random.PRNGKey(9), 0)
+    p = state["params"]
+    lf = tr.model.apply(p, batch, tr.clamps.hooks(p, batch, 35, state["frozen"]))
+    lr = ref.model.apply(p, batch, ref.clamps.hooks(p, batch, 35))
+    np.testing.assert_array_equal(np.asarray(lf), np.asarray(lr))
+    assert not np.allclose(np.asarray(lf), np.asarray(tr.model.apply(p, batch)))
+
+
+def test_ideal_patterns_on_token_task():
+    tokens = jnp.array([[7, 1, 2, 3, 1, 2, 3]])
+    batch = {"tokens": tokens}
+    w, ok = ideal_pattern("previous_token", batch, None, 7)
+    assert np.allclose(np.asarray(w[0, 0]).sum(-1), 1) and float(w[0, 0, 4, 3]) == 1.0
+    w, ok = ideal_pattern("induction", batch, None, 7)
+    # position 4 holds token 1, which appeared at position 1: attend to position 2 (the token after it)
+    assert float(w[0, 0, 4, 2]) == 1.0 and float(w[0, 0, 6, 4]) == 1.0
+    assert not bool(ok[0, 0, 2, 0]) and bool(ok[0, 0, 5, 0])  # no earlier occurrence: undefined row
+    w, _ = ideal_pattern("uniform", batch, None, 7)
+    np.testing.assert_allclose(np.asarray(w[0, 0, 3, :4]), 0.25)
+
+
+def test_singh_presets_run_on_fewshot():
+    cfg, _ = load_config(["experiment=singh_fewshot", "clamp=[perfect_match,single_head]",
+                          "tracking.wandb.mode=disabled"])
+    tr = Trainer(cfg)
+    batch = tr.task.sample(jax.random.PRNGKey(0), 8)
+    params = tr.model.params()
+    hooks = tr.clamps.hooks(params, batch, 0, capture=["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v"])
+    logits = tr.model.apply(params, batch, hooks)
+    pat = np.asarray(hooks.cache["blocks.1.attn.hook_pattern"])
+    q = tr.task.query_positions[0]
+    match = np.asarray(batch["query_match"])
+    np.testing.assert_allclose(pat[:, :, q, :], np.broadcast_to(match[:, None, :], pat[:, :, q, :].shape), atol=1e-6)
+    assert np.all(np.asarray(hooks.cache["blocks.1.attn.hook_v"])[:, :, 1:] == 0)
+    assert np.isfinite(float(masked_nll(logits, batch)))
+    assert tr.clamps.condition == "layer0+match+single_head"
+
+
+BAD = [
+    (["+clamps.c={site:blocks.9.attn.hook_pattern}"], "clamps.c.site"),
+    (["+clamps.c={site:blocks.0.attn.hook_pattern,heads:[5]}"], "clamps.c.heads"),
+    (["+clamps.c={site:blocks.0.hook_resid_post,value:induction}"], "clamps.c.site"),
+    (["+clamps.c={site:blocks.0.attn.hook_pattern,value:glow}"], "clamps.c.value"),
+    (["+clamps.c={site:blocks.0.attn.hook_pattern,value:reference,reference_dir:/nonexistent}"], "reference_dir"),
+    (["+clamps.c={site:blocks.0.attn.hook_pattern,query:labels}"], "clamps.c.query"),
+    (["+clamps.c={site:blocks.0.attn.hook_pattern,windows:[[5,2]]}"], "clamps.c.windows"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD, ids=[o[0] for o, _ in BAD])
+def test_bad_clamp_exit_2(overrides, field, tmp_path, capsys):
+    code = main(["train", f"run.root={tmp_path / 'runs'}", "tracking.wandb.mode=disabled", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and field in err, err
+    assert not (tmp_path / "runs").exists()

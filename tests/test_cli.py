@@ -1,0 +1,81 @@
+"""The `lab` command end to end: a real run directory, and bad input refused with exit code 2."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from lab.cli import main
+from tests.conftest import ROOT, TINY, lab_cmd
+
+
+def test_train_end_to_end_with_offline_wandb(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("tracking.")] + ["tracking.wandb.mode=offline", f"run.dir={run_dir}"]
+    p = subprocess.run(lab_cmd("train", *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "run directory:" in p.stderr and "done: 60 steps" in p.stdout
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints", "wandb"):
+        assert (run_dir / name).exists(), name
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["trainer"]["steps"] == 60 and cfg["task"]["name"] == "repeat"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 20, 40, 60]
+    assert all("test/repeated_loss" in r for r in rows)
+    assert "train/grad_norm" in rows[-1] and "train/loss" in rows[-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["checkpoints"] == [0, 30, 60]
+    assert summary["phase"]["metric"] == "test/repeated_loss"
+    assert {"wall_time_s", "steps_per_sec", "versions", "final"} <= set(summary)
+    assert any((run_dir / "wandb").glob("offline-run-*"))
+    # the same directory is never overwritten
+    p2 = subprocess.run(lab_cmd("train", *args), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p2.returncode == 2 and "run.dir" in p2.stderr and "never overwritten" in p2.stderr
+
+
+def _bad_features(tmp_path):
+    path = tmp_path / "feats.npy"
+    np.save(path, np.zeros((3, 4), np.float32))
+    return path
+
+
+BAD = [
+    (["task=nope"], "task"),
+    (["experiment=nope"], "experiment"),
+    (["trainer.nope=1"], "nope"),
+    (["trainer.steps=abc"], "trainer.steps"),
+    (["trainer.steps=-5"], "trainer.steps"),
+    (["experiment=reddy_bursty", "task.K=100"], "task.K"),
+    (["experiment=reddy_bursty", "task.B=3"], "task.B"),
+    (["experiment=reddy_bursty", "task.p_C=1.5"], "task.p_C"),
+    (["model.d_model=30", "model.n_heads=4"], "model.d_model"),
+    (["model.positions=alibi"], "model.positions"),
+    (["optim.name=lion"], "optim.name"),
+    (["optim.lr=0"], "optim.lr"),
+    (["tracking.wandb.mode=sometimes"], "tracking.wandb.mode"),
+    (["experiment=singh_fewshot", "task.features_path=/nonexistent/feats.npy"], "task.features_path"),
+    (["experiment=singh_fewshot", "task.features_path=BAD"], "task.features_path"),
+    (["experiment=bietti_bigram", "task.text_path=/nonexistent.txt"], "task.text_path"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_input_exit_2_one_line_nothing_written(overrides, field, tmp_path, capsys):
+    overrides = [o.replace("BAD", str(_bad_features(tmp_path))) for o in overrides]
+    root = tmp_path / "runs"
+    code = main(["train", f"run.root={root}", "tracking.wandb.mode=disabled", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and field in err, err
+    assert "Traceback" not in err
+    assert not root.exists()
+
+
+def test_config_command_prints_resolved_config(capsys):
+    assert main(["config", "experiment=reddy_bursty", "seed=7"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["seed"] == 7 and cfg["task"]["name"] == "bursty" and cfg["task"]["K"] % cfg["task"]["L"] == 0
+    assert cfg["model"]["use_wo"] is False and cfg["optim"]["name"] == "sgd"

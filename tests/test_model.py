@@ -1,0 +1,117 @@
+"""The model: site shapes, causality, caches that change nothing, frozen parameters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lab.errors import ConfigError
+from lab.hooks import Hooks
+from lab.model import ModelConfig, Transformer
+from lab.optim import OptimConfig, make_optimizer
+
+B, T, V = 3, 10, 13
+
+
+def tokens(seed=0):
+    return {"tokens": jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, V)}
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "onehot", "frozen_random", "none"])
+def test_site_shapes_and_causality(positions):
+    cfg = ModelConfig(n_layers=2, n_heads=4, d_model=16, positions=positions)
+    m = Transformer(cfg, seq_len=T, vocab_size=V, n_outputs=V, seed=0)
+    p = m.params()
+    logits, cache = m.run_with_cache(p, tokens())
+    assert set(cache) == set(m.site_names())
+    h, dh, d = 4, 4, 16
+    for layer in range(2):
+        b = f"blocks.{layer}"
+        for s in ("q", "k", "v", "z"):
+            assert cache[f"{b}.attn.hook_{s}"].shape == (B, T, h, dh)
+        assert cache[f"{b}.attn.hook_pattern"].shape == (B, h, T, T)
+        assert cache[f"{b}.attn.hook_attn_scores"].shape == (B, h, T, T)
+        assert cache[f"{b}.attn.hook_result"].shape == (B, T, h, d)
+        assert cache[f"{b}.hook_resid_post"].shape == (B, T, d)
+        pat = np.asarray(cache[f"{b}.attn.hook_pattern"])
+        np.testing.assert_allclose(pat.sum(-1), 1.0, rtol=1e-5)
+        assert np.all(np.triu(pat[0, 0], 1) == 0)  # causal
+    assert logits.shape == (B, T, V)
+    # changing a later token never changes earlier logits
+    b2 = {"tokens": tokens()["tokens"].at[:, 6].set((tokens()["tokens"][:, 6] + 1) % V)}
+    l1, l2 = m.apply(p, tokens()), m.apply(p, b2)
+    np.testing.assert_array_equal(np.asarray(l1[:, :6]), np.asarray(l2[:, :6]))
+    assert not np.allclose(np.asarray(l1[:, 6:]), np.asarray(l2[:, 6:]))
+
+
+def test_cache_does_not_change_logits():
+    m = Transformer(ModelConfig(n_heads=2, d_model=16), seq_len=T, vocab_size=V, n_outputs=V, seed=1)
+    p = m.params()
+    plain = jax.jit(lambda p, b: m.apply(p, b))(p, tokens())
+    cached, cache = jax.jit(lambda p, b: m.run_with_cache(p, b))(p, tokens())
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(cached))
+    np.testing.assert_array_equal(np.asarray(cache["logits"]), np.asarray(plain))
+    # the sum of per-head results (+ b_O) is the attention output
+    r = cache["blocks.1.attn.hook_result"].sum(2) + p["blocks"]["1"]["attn"]["b_O"]
+    np.testing.assert_allclose(np.asarray(r), np.asarray(cache["blocks.1.hook_attn_out"]), rtol=1e-5, atol=1e-6)
+
+
+def test_intervention_overwrites_site():
+    m = Transformer(ModelConfig(n_heads=2, d_model=16), seq_len=T, vocab_size=V, n_outputs=V, seed=1)
+    p = m.params()
+    hooks = Hooks(capture=["blocks.1.attn.hook_pattern"],
+                  interventions={"blocks.1.attn.hook_pattern": lambda x: jnp.zeros_like(x)})
+    logits = m.apply(p, tokens(), hooks)
+    assert float(jnp.abs(hooks.cache["blocks.1.attn.hook_pattern"]).max()) == 0.0
+    assert not np.allclose(np.asarray(logits), np.asarray(m.apply(p, tokens())))
+
+
+def test_feature_inputs_and_mlp_head():
+    cfg = ModelConfig(n_layers=2, n_heads=1, d_model=12, d_head=12, positions="none", layernorm=False, bias=False,
+                      use_wo=False, attn_scale=False, input_proj="identity", mlp_head=8)
+    m = Transformer(cfg, seq_len=5, vocab_size=4, n_outputs=4, feature_dim=12, seed=0)
+    batch = {"tokens": jnp.zeros((2, 5), jnp.int32), "features": jnp.ones((2, 5, 12)),
+             "is_feature": jnp.ones((2, 5), bool)}
+    logits, cache = m.run_with_cache(m.params(), batch)
+    assert logits.shape == (2, 5, 4)
+    np.testing.assert_array_equal(np.asarray(cache["hook_embed"]), np.ones((2, 5, 12)))
+    with pytest.raises(ConfigError, match="model.input_proj"):
+        Transformer(cfg, seq_len=5, vocab_size=4, n_outputs=4, feature_dim=7)
+
+
+def test_frozen_parameters_receive_no_update():
+    cfg = ModelConfig(n_layers=2, n_heads=1, d_model=16, d_head=16, positions="frozen_random", layernorm=False,
+                      bias=False, wq_identity=True, freeze=["embed.*", "blocks.*.attn.W_V", "blocks.0.attn.W_O"])
+    m = Transformer(cfg, seq_len=T, vocab_size=V, n_outputs=V, seed=0)
+    p = m.params()
+    assert "blocks.0.attn.W_Q" not in m.param_names()  # W_Q = I is a constant, not a parameter
+    opt = make_optimizer(OptimConfig(name="sgd", lr=0.5, momentum=0.9), 10, m.frozen_mask(p))
+    st = opt.init(p)
+
+    def loss(p):
+        return jnp.mean(jax.nn.log_softmax(m.apply(p, tokens()))[..., 0])
+
+    p2 = p
+    for _ in range(3):
+        g = jax.grad(loss)(p2)
+        up, st = opt.update(g, st, p2)
+        p2 = jax.tree_util.tree_map(lambda a, u: a + u, p2, up)
+    for name in ("embed.W_E", "blocks.0.attn.W_V", "blocks.1.attn.W_V", "blocks.0.attn.W_O"):
+        a, b = _get(p, name), _get(p2, name)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name in ("blocks.0.attn.W_K", "blocks.1.attn.W_O", "unembed.W_U"):
+        assert not np.array_equal(np.asarray(_get(p, name)), np.asarray(_get(p2, name)))
+
+
+def _get(tree, dotted):
+    for k in dotted.split("."):
+        tree = tree[k]
+    return tree
+
+
+@pytest.mark.parametrize("field,value", [("d_model", 30), ("n_heads", 0), ("positions", "alibi")])
+def test_bad_model_config(field, value):
+    cfg = ModelConfig(n_heads=4, d_model=16)
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match=f"model.{field}"):
+        cfg.validate()
