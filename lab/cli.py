@@ -1,6 +1,11 @@
 """The ``lab`` command.
 
     lab train [OVERRIDES...]        train one run, e.g. `lab train experiment=reddy_bursty seed=3`
+    lab resume RUN_DIR              continue an interrupted run from its last complete checkpoint
+    lab fork RUN_DIR --step N [OVERRIDES...]   a new run from that checkpoint with changed settings
+    lab replay RUN_DIR [--steps ...] [--measures ...] [OVERRIDES...]   measures over saved checkpoints
+    lab compare RUN_DIR... [--metric ...] [--baseline RUN_DIR] [--out DIR]   curves, table, HTML report
+    lab show RUN_DIR                a one-screen summary of a run
     lab config [OVERRIDES...]       print the composed, validated config without training
 
 Errors in what the user typed or pointed at print one line and exit with code 2 (no traceback
@@ -25,6 +30,30 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     c = sub.add_parser("config", help="print the composed config (hydra overrides: key=value ...)")
     c.add_argument("overrides", nargs="*")
+    r = sub.add_parser("resume", help="continue an interrupted run from its last complete checkpoint")
+    r.add_argument("run_dir")
+    r.add_argument("--quiet", action="store_true")
+    f = sub.add_parser("fork", help="a new run starting from a checkpoint, with changed settings")
+    f.add_argument("run_dir")
+    f.add_argument("--step", type=int, required=True)
+    f.add_argument("--out", default=None, help="run directory of the fork (default: beside the parent)")
+    f.add_argument("overrides", nargs="*", help="e.g. clamp=perfect_match trainer.steps=40000")
+    f.add_argument("--quiet", action="store_true")
+    rp = sub.add_parser("replay", help="evaluate measures at saved checkpoints (clamps at evaluation only)")
+    rp.add_argument("run_dir")
+    rp.add_argument("--steps", default=None, help="all (default), a list 100,200, or a range 100:1000")
+    rp.add_argument("--measures", default=None, help="comma-separated measure names (default: the run's)")
+    rp.add_argument("--name", default="replay.jsonl", help="output file in the run directory")
+    rp.add_argument("overrides", nargs="*", help="e.g. '+measures.clamps.pm={site: ..., value: induction}'")
+    rp.add_argument("--quiet", action="store_true")
+    cp = sub.add_parser("compare", help="compare runs: curves by condition, phase-change table, HTML report")
+    cp.add_argument("runs", nargs="+", help="run directories or folders of runs (a sweep, an experiment)")
+    cp.add_argument("--metric", action="append", default=None, help="metric to compare (repeatable)")
+    cp.add_argument("--baseline", default=None, help="run directory of the baseline condition")
+    cp.add_argument("--threshold", type=float, default=None, help="also report the first step below this")
+    cp.add_argument("--out", default="compare", help="output folder (default ./compare)")
+    sh = sub.add_parser("show", help="one-screen summary of a run")
+    sh.add_argument("run_dir")
     return p
 
 
@@ -33,7 +62,7 @@ def _train(args) -> int:
     from lab.run import train_run
 
     cfg, node = load_config(args.overrides)
-    run_dir = train_run(cfg, node, quiet=args.quiet)
+    run_dir = train_run(cfg, node, quiet=args.quiet, overrides=args.overrides)
     if args.quiet:
         print(run_dir)
     return 0
@@ -49,7 +78,66 @@ def _config(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "config": _config}
+def _resume(args) -> int:
+    from lab.replay import resume_run
+
+    resume_run(args.run_dir, quiet=args.quiet)
+    return 0
+
+
+def _fork(args) -> int:
+    from lab.replay import fork_run
+
+    run_dir = fork_run(args.run_dir, args.step, args.overrides, run_dir=args.out, quiet=args.quiet)
+    if args.quiet:
+        print(run_dir)
+    return 0
+
+
+def _parse_steps(text: str | None, run_dir: str) -> list[int] | None:
+    if text in (None, "all"):
+        return None
+    try:
+        if ":" in text:
+            from lab.replay import check_run_dir, complete_steps
+
+            lo, hi = (int(x) if x else None for x in text.split(":", 1))
+            have = complete_steps(check_run_dir(run_dir))
+            return [s for s in have if (lo is None or s >= lo) and (hi is None or s <= hi)]
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise LabError(f"--steps={text}: all, a comma-separated list of steps, or a range LO:HI") from None
+
+
+def _replay(args) -> int:
+    from lab.replay import replay_run
+
+    steps = _parse_steps(args.steps, args.run_dir)
+    measures = [m for m in args.measures.split(",") if m] if args.measures else None
+    out = replay_run(args.run_dir, steps=steps, measures=measures, overrides=args.overrides, out_name=args.name,
+                     quiet=args.quiet)
+    print(out)
+    return 0
+
+
+def _compare(args) -> int:
+    from lab.compare import compare
+
+    out = compare(args.runs, metrics=args.metric, baseline=args.baseline, out=args.out, threshold=args.threshold)
+    print((out / "table.md").read_text(), end="")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def _show(args) -> int:
+    from lab.compare import show
+
+    print(show(args.run_dir))
+    return 0
+
+
+COMMANDS = {"train": _train, "config": _config, "resume": _resume, "fork": _fork, "replay": _replay,
+            "compare": _compare, "show": _show}
 
 
 def main(argv: list[str] | None = None) -> int:

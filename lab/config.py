@@ -19,6 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from lab.checkpoint import CheckpointConfig
 from lab.clamp import ClampConfig
 from lab.errors import LabError, check
+from lab.measures import MeasuresConfig
+from lab.measures.cadence import CadenceConfig
 from lab.model import ModelConfig
 from lab.optim import OptimConfig
 from lab.tasks import TASKS
@@ -44,6 +46,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    measures: MeasuresConfig = field(default_factory=MeasuresConfig)
+    cadence: CadenceConfig = field(default_factory=CadenceConfig)
     # by name; `clamp=PRESET` fills it, `+clamps.NAME={site: ..., value: ...}` adds one. Checked
     # against ClampConfig in to_config (a typed dict would refuse a whole clamp given on the command line).
     clamps: dict[str, Any] = field(default_factory=dict)
@@ -52,7 +56,8 @@ class Config:
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        for part in (self.task, self.model, self.optim, self.trainer, self.checkpoint, self.tracking):
+        for part in (self.task, self.model, self.optim, self.trainer, self.checkpoint, self.tracking, self.measures,
+                     self.cadence):
             part.validate()
 
 
@@ -114,10 +119,12 @@ def _unknown_key_message(msg: str) -> str | None:
 
     from lab import checkpoint, model, optim, tracking, train
     from lab.clamp import ClampConfig
+    from lab.measures import MeasuresConfig
+    from lab.measures.cadence import CadenceConfig
     from lab.tasks import TASKS
 
-    schemas = (Config, RunConfig, ClampConfig, model.ModelConfig, optim.OptimConfig, train.TrainerConfig,
-               checkpoint.CheckpointConfig, tracking.TrackingConfig, tracking.WandbConfig)
+    schemas = (Config, RunConfig, ClampConfig, MeasuresConfig, CadenceConfig, model.ModelConfig, optim.OptimConfig,
+               train.TrainerConfig, checkpoint.CheckpointConfig, tracking.TrackingConfig, tracking.WandbConfig)
     classes = {c.__name__: c for c in schemas}
     classes.update({c.__name__: c for c, _ in TASKS.values()})
     cls = classes.get(cls_name)
@@ -150,6 +157,7 @@ def to_config(node: DictConfig) -> Config:
     if not isinstance(cfg, Config):
         raise LabError("config: not a lab config (missing the lab_schema default)")
     cfg.clamps = {str(name): _clamp_config(str(name), spec) for name, spec in (cfg.clamps or {}).items()}
+    cfg.measures.clamps = {str(n): _clamp_config(str(n), s) for n, s in (cfg.measures.clamps or {}).items()}
     cfg.validate()
     return cfg
 

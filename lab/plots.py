@@ -42,3 +42,26 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_conditions(curves: dict[str, list[tuple[float, float]]], path: str | Path, ylabel: str, xlabel: str = "step",
+                    title: str = "", hlines: dict[str, float] | None = None, logx: bool = True) -> None:
+    """One curve per condition on shared axes: {label: [(x, y), ...]}."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, pts in curves.items():
+        pts = [p for p in pts if p[0] > 0 or not logx]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, lw=1.5)
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, color="gray", ls=":", lw=1)
+        ax.text(ax.get_xlim()[0], y, f" {label}", va="bottom", fontsize=8, color="gray")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

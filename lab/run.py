@@ -58,10 +58,6 @@ def versions() -> dict:
             "device": str(jax.devices()[0].device_kind)}
 
 
-def watched(cfg: Config, task) -> str:
-    return cfg.watch or task.watch_metric
-
-
 def transitions_of(rows: list[dict], metric: str, threshold: float | None) -> dict:
     steps = [r["step"] for r in rows if metric in r and isinstance(r[metric], (int, float))]
     vals = [r[metric] for r in rows if metric in r and isinstance(r[metric], (int, float))]
@@ -72,29 +68,41 @@ def transitions_of(rows: list[dict], metric: str, threshold: float | None) -> di
     return out
 
 
-def train_run(cfg: Config, node: DictConfig, quiet: bool = False) -> Path:
+def train_run(cfg: Config, node: DictConfig, quiet: bool = False, overrides: list[str] | None = None) -> Path:
     """Train one run and write its directory. Returns the run directory."""
+    trainer = Trainer(cfg)  # builds task and model: bad input files fail here, before any write
+    run_dir = resolve_run_dir(cfg)
+    _write_config(run_dir, node, overrides)
+    return execute(trainer, node, run_dir, trainer.init_state(), quiet=quiet)
+
+
+def _write_config(run_dir: Path, node: DictConfig, overrides: list[str] | None, extra: dict | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(node, resolve=True))
+    # the command-line overrides: `lab fork` and `lab replay` re-compose the config from them
+    (run_dir / "overrides.json").write_text(json.dumps({"overrides": list(overrides or []), **(extra or {})}))
+
+
+def execute(trainer: Trainer, node: DictConfig, run_dir: Path, state: dict, quiet: bool = False,
+            resume: bool = False, cadence_rows: list[dict] | None = None) -> Path:
+    """Train ``state`` on to the end inside ``run_dir``; write metrics, checkpoints, summary, plot."""
     from lab.plots import plot_curves
     from lab.tracking import Tracker, read_metrics
 
-    trainer = Trainer(cfg)  # builds task and model: bad input files fail here, before any write
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(node, resolve=True))
+    cfg = trainer.cfg
     config_dict = OmegaConf.to_container(node, resolve=True)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
-    say(f"run directory: {run_dir}")
+    if not quiet:
+        print(f"run directory: {run_dir}", file=sys.stderr)
     tracker = Tracker(run_dir, cfg.tracking, config_dict, name=run_dir.name, group=cfg.experiment,
-                      job_type=trainer.clamps.condition)
+                      job_type=trainer.clamps.condition, resume=resume)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-    task = trainer.task
-    key_metric = task.key_metric
+    key_metric = trainer.task.key_metric
     bar = None
     if cfg.trainer.progress and not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.trainer.steps, desc=f"{cfg.experiment}", unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
+        bar = tqdm(total=cfg.trainer.steps, initial=int(state["step"]), desc=f"{cfg.experiment}", unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
 
     def progress(step, row):
         if bar is not None:
@@ -106,10 +114,10 @@ def train_run(cfg: Config, node: DictConfig, quiet: bool = False) -> Path:
             bar.refresh()
 
     t0 = time.perf_counter()
+    start_step = int(state["step"])
     try:
-        state = trainer.init_state()
         state = trainer.fit(state, log=tracker.log, save=lambda s, st: ckpt.save(s, st, config_dict),
-                            progress=progress, start_time=t0)
+                            progress=progress, start_time=t0, history=cadence_rows)
         jax.block_until_ready(state)
     finally:
         if bar is not None:
@@ -117,15 +125,19 @@ def train_run(cfg: Config, node: DictConfig, quiet: bool = False) -> Path:
         ckpt.close()
     wall = time.perf_counter() - t0
     rows = read_metrics(run_dir / "metrics.jsonl")
-    metric = watched(cfg, task)
+    metric = trainer.watch
     phase = transitions_of(rows, metric, cfg.watch_threshold)
     final = {k: v for k, v in rows[-1].items() if not k.startswith("perf/")} if rows else {}
     summary = {
         "experiment": cfg.experiment, "condition": trainer.clamps.condition, "seed": cfg.seed,
-        "task": cfg.task.name, "steps": cfg.trainer.steps,
-        "wall_time_s": wall, "steps_per_sec": cfg.trainer.steps / wall,
+        "task": cfg.task.name, "steps": cfg.trainer.steps, "batch_size": cfg.trainer.batch_size,
+        "wall_time_s": wall, "steps_per_sec": (cfg.trainer.steps - start_step) / wall,
         "final": final, "phase": phase, "checkpoints": ckpt.steps(), "versions": versions(),
     }
+    parent = json.loads((run_dir / "overrides.json").read_text()).get("parent") \
+        if (run_dir / "overrides.json").exists() else None
+    if parent:
+        summary["parent"] = parent
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_curves(rows, run_dir / "curves.png", title=f"{cfg.experiment} ({cfg.task.name}, seed {cfg.seed})",
                 watch=metric, transitions=phase["transitions"])

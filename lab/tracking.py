@@ -68,8 +68,8 @@ class Tracker:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors it to wandb."""
 
     def __init__(self, run_dir: Path, cfg: TrackingConfig, config: dict, name: str, group: str,
-                 job_type: str, resume: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
+                 job_type: str, resume: bool = False, metrics_file: str = "metrics.jsonl", wandb_id_suffix: str = ""):
+        self.path = Path(run_dir) / metrics_file
         self._file = open(self.path, "a")
         self.run = None
         wb = cfg.wandb
@@ -82,7 +82,8 @@ class Tracker:
             self.run = wandb.init(
                 dir=str(run_dir), mode=wb.mode, project=wb.project, entity=wb.entity,
                 group=wb.group or group, job_type=wb.job_type or job_type, tags=list(wb.tags),
-                name=name, config=config, id=_wandb_id(run_dir), resume="allow" if resume else None,
+                name=name, config=config, id=_wandb_id(run_dir) + wandb_id_suffix,
+                resume="allow" if resume else None,
                 settings=wandb.Settings(console="off", quiet=True),
             )
         except Exception as e:  # wandb must never stop a run

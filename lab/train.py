@@ -22,6 +22,8 @@ import optax
 from lab.clamp import ClampSet
 from lab.errors import LabError, check
 from lab.hooks import NO_HOOKS, Hooks
+from lab.measures import Measures
+from lab.measures.cadence import AdaptiveCadence
 from lab.model import Transformer, build_model
 from lab.optim import make_optimizer
 from lab.tasks import make_task
@@ -83,9 +85,14 @@ class Trainer:
         any_frozen = any(jax.tree_util.tree_leaves(frozen))
         self.opt = make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None)
         self.clamps = ClampSet(getattr(cfg, "clamps", None) or {}, self.model, self.task)
+        self.measures = Measures(cfg.measures, self.model, self.task)
+        # progress measures by clamp: the current model evaluated with a clamp it was not trained with
+        self.probe_clamps = {name: ClampSet({name: spec}, self.model, self.task)
+                             for name, spec in cfg.measures.clamps.items()}
+        self.watch = cfg.watch or self.task.watch_metric
         self.step_fn = jax.jit(self._step, donate_argnums=0)
         self.scan_fn = jax.jit(self._scan, donate_argnums=0)
-        self.eval_fn = jax.jit(self._evaluate, static_argnames="clamped")
+        self.eval_fn = jax.jit(self._evaluate, static_argnames="clamps")
 
     # ---- pure functions ------------------------------------------------------------------
     def init_state(self) -> dict:
@@ -120,18 +127,19 @@ class Trainer:
         updates, opt_state = self.opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new.update(params=params, opt_state=opt_state, step=step + 1)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        ratio = optax.global_norm(updates) / jnp.maximum(optax.global_norm(state["params"]), 1e-12)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "update_ratio": ratio}
 
     def _scan(self, state):
         return jax.lax.scan(lambda s, _: self._step(s), state, None, length=self.chunk)
 
-    def _evaluate(self, params, batch, step=0, frozen=None, clamped: bool = True):
+    def _evaluate(self, params, batch, step=0, frozen=None, clamps: ClampSet | None = None):
         n = batch["tokens"].shape[0]
         c = max(d for d in range(1, min(n, self.cfg.trainer.eval_batch_size) + 1) if n % d == 0)
         chunks = jax.tree_util.tree_map(lambda a: a.reshape(n // c, c, *a.shape[1:]), batch)
 
         def fwd(b):
-            hooks = self.clamps.hooks(params, b, step, frozen, training=False) if clamped else NO_HOOKS
+            hooks = clamps.hooks(params, b, step, frozen, training=False) if clamps else NO_HOOKS
             return self.model.apply(params, b, hooks)
 
         logits = jax.lax.map(fwd, chunks)
@@ -154,44 +162,59 @@ class Trainer:
     def evaluate(self, state) -> dict[str, float]:
         """Every evaluator's metrics for a state (clamps acting as at its step, unless eval: false)."""
         row = {}
-        views = [("", True)]
+        views = [("", self.clamps)]
         if self.clamps and self.cfg.trainer.log_unclamped:
-            views.append(("@unclamped", False))
+            views.append(("@unclamped", None))
+        views += [(f"@{name}", cs) for name, cs in self.probe_clamps.items()]
         for name, batch in self.task.evals.items():
-            for suffix, clamped in views:
-                out = self.eval_fn(state["params"], batch, state["step"], state.get("frozen"), clamped=clamped)
+            for suffix, clamps in views:
+                out = self.eval_fn(state["params"], batch, state["step"], state.get("frozen"), clamps=clamps)
                 for k, v in out.items():
+                    if suffix and suffix != "@unclamped" and k != "loss":
+                        continue  # probe clamps log their loss only
                     row[f"{name}{suffix}/{k}"] = v
         return {k: float(v) for k, v in jax.device_get(row).items()}
 
-    def fit(self, state, log=None, save=None, progress=None, start_time: float | None = None) -> dict:
+    def fit(self, state, log=None, save=None, progress=None, start_time: float | None = None,
+            history: list[dict] | None = None) -> dict:
         """Train from ``state["step"]`` to ``trainer.steps``.
 
         log(row) receives each logged row; save(step, state) is called at checkpoint steps;
-        progress(step, row) after each logged row. Returns the final state.
+        progress(step, row) after each logged row. With ``cadence.adaptive``, rows (and
+        checkpoints) come every ``cadence.dense_every`` steps while the watched metric moves.
+        ``history``: rows already logged by this run (when resuming), replayed into the cadence so
+        the continuation logs exactly where an uninterrupted run would. Returns the final state.
         """
         tc, cc = self.cfg.trainer, self.cfg.checkpoint
         total = tc.steps
         evals = set(schedule(total, tc.eval_every, tc.eval_log_points))
         ckpts = set(schedule(total, cc.every, cc.log_points, include_zero=bool(cc.every or cc.log_points)))
+        cadence = AdaptiveCadence(self.cfg.cadence)
+        history = history or []
+        for r in history:
+            cadence.observe(r["step"], r.get(self.watch, 0.0))
         step = int(state["step"])
         t0 = start_time if start_time is not None else time.perf_counter()
         pending, last_t, last_step = [], time.perf_counter(), step
-        if step == 0 and 0 in evals:
-            self._log_row(0, state, [], log, progress, None)
+        if not any(r["step"] == step for r in history) and (step in evals or step > 0):
+            row = self._log_row(step, state, [], log, progress, None)  # the start (a fork's first row)
+            cadence.observe(step, row.get(self.watch, 0.0))
         if step == 0 and 0 in ckpts and save:
             save(0, state)
-        for stop in sorted(s for s in evals | ckpts if s > step):
+        while step < total:
+            stop = cadence.next_stop(step, min(s for s in evals | ckpts if s > step))
+            dense = stop not in evals and stop not in ckpts
             state, outs = self.advance(state, stop - step)
             pending += outs
             step = stop
-            if stop in evals:
+            if stop in evals or dense:
                 now = time.perf_counter()
                 perf = {"perf/steps_per_sec": (step - last_step) / max(now - last_t, 1e-9),
                         "perf/elapsed": now - t0}
-                self._log_row(step, state, pending, log, progress, perf)
+                row = self._log_row(step, state, pending, log, progress, perf)
+                cadence.observe(step, row.get(self.watch, 0.0))
                 pending, last_t, last_step = [], time.perf_counter(), step
-            if stop in ckpts and save:
+            if save and (stop in ckpts or (dense and self.cfg.cadence.checkpoint_dense)):
                 save(stop, state)
         return state
 
@@ -200,8 +223,10 @@ class Trainer:
         if pending:
             losses = jnp.concatenate([o["loss"] for o in pending])
             norms = jnp.concatenate([o["grad_norm"] for o in pending])
+            ratios = jnp.concatenate([o["update_ratio"] for o in pending])
             row["train/batch_loss"] = float(jnp.mean(losses))
             row["train/grad_norm"] = float(jnp.mean(norms))
+            row["train/update_ratio"] = float(jnp.mean(ratios))
             if not math.isfinite(row["train/batch_loss"]) or not math.isfinite(row["train/grad_norm"]):
                 bad = "train/batch_loss" if not math.isfinite(row["train/batch_loss"]) else "train/grad_norm"
                 raise NonFiniteError(f"non-finite {bad}={row[bad]} by step {step}; stopping "
@@ -209,9 +234,11 @@ class Trainer:
         row.update(self.evaluate(state))
         if "train/loss" not in row and "train/batch_loss" in row:
             row["train/loss"] = row["train/batch_loss"]
+        row.update(self.measures(state["params"]))
         if perf:
             row.update(perf)
         if log:
             log(row)
         if progress:
             progress(step, row)
+        return row

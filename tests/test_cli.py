@@ -13,7 +13,8 @@ from tests.conftest import ROOT, TINY, lab_cmd
 
 def test_train_end_to_end_with_offline_wandb(tmp_path):
     run_dir = tmp_path / "run"
-    args = [a for a in TINY if not a.startswith("tracking.")] + ["tracking.wandb.mode=offline", f"run.dir={run_dir}"]
+    args = [a for a in TINY if not a.startswith(("tracking.", "measures."))]
+    args += ["tracking.wandb.mode=offline", f"run.dir={run_dir}", "measures.names=[auto]"]
     p = subprocess.run(lab_cmd("train", *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "run directory:" in p.stderr and "done: 60 steps" in p.stdout
@@ -25,6 +26,7 @@ def test_train_end_to_end_with_offline_wandb(tmp_path):
     assert [r["step"] for r in rows] == [0, 20, 40, 60]
     assert all("test/repeated_loss" in r for r in rows)
     assert "train/grad_norm" in rows[-1] and "train/loss" in rows[-1]
+    assert {"prev_token/L0H0", "prefix_matching/L1H1", "copying/L1H0", "train/update_ratio"} <= set(rows[-1])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["checkpoints"] == [0, 30, 60]
     assert summary["phase"]["metric"] == "test/repeated_loss"

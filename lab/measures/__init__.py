@@ -1,0 +1,120 @@
+"""Progress measures: a registry of functions of (params, cache, batch), logged by name.
+
+Attention measures run inside one jitted program on a fixed probe batch and log one value per
+head as ``<measure>/L{l}H{h}``; weight measures (copying, composition, parameter norms) run on
+the host from the parameters. ``measures.names`` picks them per experiment; ``auto`` gives each
+task its sensible set. The trainer, replay and notebooks call the same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lab.errors import check
+from lab.measures import attention as att
+from lab.measures import circuits
+
+# name -> (function of (pattern, batch, task) -> [head], needs token inputs, needs a classification task)
+ATTENTION = {
+    "prev_token": (att.previous_token_score, False, False),
+    "prefix_matching": (att.prefix_matching_score, True, False),
+    "induction_strength": (att.induction_strength, False, True),
+    "ila": (att.ila, False, True),
+    "tila": (att.tila, False, True),
+    "tla": (att.tla, False, True),
+    "entropy": (att.entropy, False, False),
+}
+WEIGHTS = ("copying", "composition", "param_norm")
+ALL = tuple(ATTENTION) + WEIGHTS
+
+
+@dataclass
+class MeasuresConfig:
+    names: list[str] = field(default_factory=lambda: ["auto"])  # auto | none | any of ALL
+    probe_size: int = 128  # sequences in the fixed probe batch
+    # progress measure by clamp: the current model's loss on each evaluator with these clamps on,
+    # logged as <evaluator>@<name>/loss (mappings of clamp fields, as in `clamps`)
+    clamps: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for n in self.names:
+            check(n in ALL or n in ("auto", "none"), "measures.names", list(self.names),
+                  f"each one of auto, none, {', '.join(ALL)}")
+        check(self.probe_size >= 1, "measures.probe_size", self.probe_size, "must be >= 1")
+
+
+def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
+    names = list(cfg.names)
+    if "none" in names:
+        return []
+    if "auto" in names:
+        auto = ["prev_token", "entropy", "param_norm"]
+        if task.classification:
+            auto += ["induction_strength", "ila", "tila", "tla"]
+        if not task.feature_dim:
+            auto += ["prefix_matching", "copying"]
+        auto.append("composition")
+        names = [n for n in names if n != "auto"] + [n for n in auto if n not in names]
+    usable = []
+    for n in names:
+        if n in ATTENTION:
+            _, tokens_only, cls_only = ATTENTION[n]
+            if (tokens_only and task.feature_dim) or (cls_only and not task.classification):
+                continue
+        usable.append(n)
+    return usable
+
+
+def repeated_probe(key, n: int, t: int, vocab: int) -> dict:
+    """Random tokens whose second half repeats the first: where prefix matching is measured."""
+    half = (t + 1) // 2
+    seg = jax.random.randint(key, (n, half), 0, vocab)
+    return {"tokens": jnp.concatenate([seg, seg], axis=1)[:, :t].astype(jnp.int32)}
+
+
+class Measures:
+    """The chosen measures of one run, with their probe batch and one jitted program."""
+
+    def __init__(self, cfg: MeasuresConfig, model, task):
+        self.cfg, self.model, self.task = cfg, model, task
+        self.names = resolve_names(cfg, task)
+        self.attn_names = [n for n in self.names if n in ATTENTION]
+        n = cfg.probe_size
+        self.probe = jax.tree_util.tree_map(lambda a: a[:n], next(iter(task.evals.values())))
+        self.token_probe = None
+        if any(ATTENTION[m][1] for m in self.attn_names):
+            self.token_probe = repeated_probe(jax.random.PRNGKey(7), n, task.seq_len, task.n_outputs)
+        self.fn = jax.jit(self._attention)
+
+    def _attention(self, params, probe, token_probe):
+        L = self.model.cfg.n_layers
+        sites = [f"blocks.{l}.attn.hook_pattern" for l in range(L)]
+        out = {}
+        if not self.attn_names:
+            return out
+        _, cache = self.model.run_with_cache(params, probe, sites)
+        tcache = self.model.run_with_cache(params, token_probe, sites)[1] if token_probe is not None else None
+        for name in self.attn_names:
+            fn, tokens_only, _ = ATTENTION[name]
+            src, batch = (tcache, token_probe) if tokens_only else (cache, probe)
+            for l in range(L):
+                vals = fn(src[sites[l]], batch, self.task)
+                for h in range(vals.shape[0]):
+                    out[f"{name}/L{l}H{h}"] = vals[h]
+        return out
+
+    def __call__(self, params) -> dict[str, float]:
+        row = {k: float(v) for k, v in jax.device_get(self.fn(params, self.probe, self.token_probe)).items()}
+        if any(n in WEIGHTS for n in self.names):
+            host = jax.device_get(params)
+            if "copying" in self.names:
+                row.update(circuits.copying_scores(host, self.task.n_outputs))
+            if "composition" in self.names:
+                row.update(circuits.composition_scores(host))
+            if "param_norm" in self.names:
+                row.update(circuits.param_norms(host))
+        return row

@@ -59,7 +59,15 @@ def detect_transitions(steps, values, min_change: float = 0.15, slope: float = 0
     floor = max(min_change * rng, 6.0 * noise)
     grid = np.linspace(x[0], x[-1], 400)
     g = np.interp(grid, x, ys)
-    rate = np.abs(np.gradient(g, grid)) / rng  # share of the range per decade
+    # the rate of change is read off a copy smoothed over ~0.05 decades, so that noise between
+    # neighbouring evaluations does not pass for a transition
+    dx = grid[1] - grid[0]
+    sig = max(0.05 / dx, 1.0)
+    k = np.arange(-int(3 * sig), int(3 * sig) + 1)
+    kern = np.exp(-0.5 * (k / sig) ** 2)
+    kern /= kern.sum()
+    gs = np.convolve(np.pad(g, len(k) // 2, mode="edge"), kern, mode="valid")
+    rate = np.abs(np.gradient(gs, grid)) / rng  # share of the range per decade
     active = rate > slope
     # regions of fast change, merging gaps shorter than 0.05 decades
     regions, i, n = [], 0, len(grid)

@@ -1,0 +1,33 @@
+"""Run one experiment under several conditions (clamps, windows, seeds).
+
+Each condition is a list of config overrides on top of a base; each (condition, seed) is an
+ordinary run with its own run directory under ``root``, so ``lab compare ROOT`` (lab.compare)
+puts them side by side from the directories alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,), root: str | Path = "runs/cmp",
+                   quiet: bool = False) -> dict[str, list[Path]]:
+    """Train every (condition, seed); skip those whose run directory already has a summary."""
+    from lab.config import load_config
+    from lab.run import train_run
+
+    root = Path(root)
+    out: dict[str, list[Path]] = {}
+    for label, extra in conditions.items():
+        for seed in seeds:
+            run_dir = root / f"{label}-s{seed}"
+            if not (run_dir / "summary.json").exists():
+                if run_dir.exists():
+                    import shutil
+
+                    shutil.rmtree(run_dir)  # an unfinished run of this script: start it again
+                overrides = [*base, *extra, f"seed={seed}", f"run.dir={run_dir}"]
+                cfg, node = load_config(overrides)
+                train_run(cfg, node, quiet=quiet, overrides=overrides)
+            out.setdefault(label, []).append(run_dir)
+    return out

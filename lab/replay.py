@@ -1,0 +1,181 @@
+"""After training: resume an interrupted run, fork a run at a checkpoint, replay measures over
+checkpoints. Everything is read from the run directory and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+from lab.checkpoint import Checkpointer
+from lab.config import compose, from_yaml, to_config
+from lab.errors import LabError
+from lab.tracking import read_metrics
+from lab.train import Trainer
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file() or not (path / "checkpoints").is_dir():
+        raise LabError(f"run_dir={run_dir}: not a run directory (needs config.yaml and checkpoints/)")
+    return path
+
+
+def run_overrides(run_dir: Path) -> list[str] | None:
+    f = run_dir / "overrides.json"
+    return json.loads(f.read_text())["overrides"] if f.is_file() else None
+
+
+def load_run_config(run_dir: Path, extra: list[str] = ()):
+    """The run's config: re-composed from its overrides plus ``extra`` where it recorded them,
+    else its config.yaml (then ``extra`` must be plain field=value overrides)."""
+    saved = run_overrides(run_dir)
+    if saved is not None:
+        node = compose([o for o in saved if not o.startswith("run.dir=")] + list(extra))
+        return to_config(node), node
+    cfg, node = from_yaml(run_dir / "config.yaml")
+    if extra:
+        from omegaconf import OmegaConf
+
+        try:
+            node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(extra)))
+        except Exception as e:
+            raise LabError(f"overrides {list(extra)}: {e}") from e
+        cfg = to_config(node)
+    return cfg, node
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    """Checkpoint steps that are complete (orbax finalises a step by renaming its directory)."""
+    return Checkpointer(run_dir / "checkpoints", read_only=True).steps()
+
+
+def restore_state(trainer: Trainer, run_dir: Path, step: int) -> dict:
+    """The training state saved at ``step``, shaped for ``trainer`` (which may add clamp state)."""
+    like = trainer.init_state()
+    base = {k: like[k] for k in ("params", "opt_state", "step", "key")}
+    ck = Checkpointer(run_dir / "checkpoints", read_only=True)
+    if "frozen" in like:  # a run with frozen clamps saved its snapshots too
+        try:
+            return dict(ck.restore(step, like))
+        except LabError:
+            raise
+        except Exception:
+            pass  # a parent without them: the snapshots start from the restored parameters
+    try:
+        state = dict(ck.restore(step, base))
+    except LabError:
+        raise
+    except Exception as e:
+        raise LabError(f"checkpoint {step} of {run_dir} does not fit this model/optimiser "
+                       f"({type(e).__name__}); forks may change clamps, measures and logging, not shapes") from e
+    if "frozen" in like:
+        state["frozen"] = trainer.clamps.init_frozen(state["params"])
+    return state
+
+
+def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
+    """Continue an interrupted run from its last complete checkpoint; the result equals a run that
+    was never interrupted (same parameters, same metrics rows)."""
+    from lab.run import execute
+
+    run_dir = check_run_dir(run_dir)
+    cfg, node = load_run_config(run_dir)
+    steps = complete_steps(run_dir)
+    if not steps:
+        raise LabError(f"run_dir={run_dir}: no complete checkpoint to resume from")
+    last = steps[-1]
+    if last >= cfg.trainer.steps and (run_dir / "summary.json").exists():
+        raise LabError(f"run_dir={run_dir}: already finished (step {last} of {cfg.trainer.steps})")
+    trainer = Trainer(cfg)
+    state = restore_state(trainer, run_dir, last)
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl")] if (run_dir / "metrics.jsonl").exists() else []
+    kept = [r for r in rows if r["step"] <= last]
+    _rewrite_metrics(run_dir / "metrics.jsonl", kept)
+    if not quiet:
+        print(f"resuming {run_dir} from step {last}", file=sys.stderr)
+    return execute(trainer, node, run_dir, state, quiet=quiet, resume=True, cadence_rows=kept)
+
+
+def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str | None = None,
+             quiet: bool = False) -> Path:
+    """A new run that starts from the parent's checkpoint at ``step`` (parameters, optimiser state,
+    data stream) with changed settings; it records its parent and the step."""
+    from lab.run import _write_config, default_run_dir, execute, resolve_run_dir
+
+    parent = check_run_dir(parent)
+    steps = complete_steps(parent)
+    if step not in steps:
+        raise LabError(f"--step={step}: no complete checkpoint at that step in {parent}; have {steps}")
+    cfg, node = load_run_config(parent, overrides)
+    if run_dir:
+        cfg.run.dir = run_dir
+    else:
+        cfg.run.dir = str(default_run_dir(cfg).parent / f"{parent.name}-fork{step}")
+        if Path(cfg.run.dir).exists():
+            cfg.run.dir = str(default_run_dir(cfg).with_name(f"{parent.name}-fork{step}-x"))
+    if step >= cfg.trainer.steps:
+        raise LabError(f"--step={step}: must be below trainer.steps={cfg.trainer.steps} of the fork")
+    trainer = Trainer(cfg)
+    state = restore_state(trainer, parent, step)
+    path = resolve_run_dir(cfg)
+    saved = run_overrides(parent) or []
+    _write_config(path, node, [o for o in saved if not o.startswith("run.dir=")] + list(overrides),
+                  extra={"parent": {"run_dir": str(parent), "step": step, "overrides": list(overrides)}})
+    return execute(trainer, node, path, state, quiet=quiet)
+
+
+def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: list[str] | None = None,
+               overrides: list[str] = (), out_name: str = "replay.jsonl", quiet: bool = False,
+               wandb_mode: str | None = None) -> Path:
+    """Evaluate the run's evaluators and measures (and any probe clamps given in ``overrides``,
+    e.g. ``+measures.clamps.pm={...}``) at saved checkpoints; rows go to RUN_DIR/replay.jsonl and to
+    wandb (same group, job_type ``replay``)."""
+    from omegaconf import OmegaConf
+
+    from lab.tracking import Tracker
+
+    run_dir = check_run_dir(run_dir)
+    extra = list(overrides)
+    if measures:
+        extra.append(f"measures.names=[{','.join(measures)}]")
+    cfg, node = load_run_config(run_dir, extra)
+    have = complete_steps(run_dir)
+    want = have if not steps else steps
+    missing = [s for s in want if s not in have]
+    if missing:
+        raise LabError(f"--steps={missing}: no complete checkpoint there in {run_dir}; have {have}")
+    trainer = Trainer(cfg)
+    if wandb_mode:
+        cfg.tracking.wandb.mode = wandb_mode
+    out = run_dir / out_name
+    out.unlink(missing_ok=True)
+    tracker = Tracker(run_dir, cfg.tracking, OmegaConf.to_container(node, resolve=True), name=f"{run_dir.name}-replay",
+                      group=cfg.experiment, job_type="replay", metrics_file=out_name, wandb_id_suffix="replay")
+    it = want
+    if not quiet:
+        from tqdm import tqdm
+
+        it = tqdm(want, desc="replay", unit="ckpt", file=sys.stderr)
+    try:
+        for s in it:
+            state = restore_state(trainer, run_dir, s)
+            row = {"step": s}
+            row.update(trainer.evaluate(state))
+            row.update(trainer.measures(state["params"]))
+            jax.block_until_ready(state)
+            tracker.log(row)
+    finally:
+        tracker.close()
+    if not quiet:
+        print(f"replayed {len(want)} checkpoints -> {out}", file=sys.stderr)
+    return out

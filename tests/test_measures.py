@@ -1,0 +1,126 @@
+"""Progress measures on constructed heads, phase detection on synthetic curves, adaptive cadence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lab.clamp import ideal_pattern
+from lab.measures import attention as att
+from lab.measures import circuits, repeated_probe
+from lab.measures.cadence import AdaptiveCadence, CadenceConfig
+from lab.measures.phase import detect_transitions, first_crossing
+from lab.tasks import make_task
+from lab.tasks.fewshot import FewshotConfig
+
+T = 12
+
+
+def test_previous_token_head_scores_one_and_uniform_scores_formula():
+    batch = repeated_probe(jax.random.PRNGKey(0), 4, T, 50)
+    prev, _ = ideal_pattern("previous_token", batch, None, T)
+    assert float(att.previous_token_score(prev)[0]) == pytest.approx(1.0)
+    uni, _ = ideal_pattern("uniform", batch, None, T)
+    expected = np.mean([1.0 / (q + 1) for q in range(1, T)])
+    assert float(att.previous_token_score(uni)[0]) == pytest.approx(expected, rel=1e-6)
+    h = float(att.entropy(uni)[0])
+    assert h == pytest.approx(np.mean([np.log(q + 1) for q in range(T)]), rel=1e-5)
+
+
+def test_induction_head_scores_one_on_prefix_matching():
+    batch = repeated_probe(jax.random.PRNGKey(1), 8, T, 1000)
+    ind, _ = ideal_pattern("induction", batch, None, T)
+    assert float(att.prefix_matching_score(ind, batch)[0]) == pytest.approx(1.0, abs=1e-6)
+    prev, _ = ideal_pattern("previous_token", batch, None, T)
+    assert float(att.prefix_matching_score(prev, batch)[0]) < 0.2
+
+
+def test_induction_strength_tila_tla_on_fewshot():
+    task = make_task(FewshotConfig(feature_dim=16, n_classes=20, n_train_classes=10, eval_size=20))
+    batch = task.sample(jax.random.PRNGKey(0), 16)
+    t = task.seq_len
+    perfect, _ = ideal_pattern("induction", batch, task, t, strength=1.0)
+    assert float(att.induction_strength(perfect, batch, task)[0]) == pytest.approx(1.0)
+    assert float(att.tila(perfect, batch, task)[0]) == pytest.approx(1.0)
+    assert float(att.tla(perfect, batch, task)[0]) == pytest.approx(1.0)
+    wrong, _ = ideal_pattern("induction", batch, task, t, strength=0.0)
+    assert float(att.induction_strength(wrong, batch, task)[0]) == pytest.approx(-1.0)
+    half, _ = ideal_pattern("induction", batch, task, t, strength=0.75)
+    assert float(att.induction_strength(half, batch, task)[0]) == pytest.approx(0.5)
+    prev, _ = ideal_pattern("previous_token", batch, task, t)
+    assert float(att.ila(prev, batch, task)[0]) == pytest.approx(1.0)
+
+
+def test_copying_score_identity_and_negation():
+    d = 6
+    assert circuits.eigen_share(np.eye(d)) == pytest.approx(1.0)
+    assert circuits.eigen_share(-np.eye(d)) == pytest.approx(-1.0)
+    eye = np.eye(d)[None]
+    params = {"embed": {"W_E": np.eye(d)}, "unembed": {"W_U": np.eye(d)},
+              "blocks": {"0": {"attn": {"W_V": eye, "W_O": eye, "W_K": eye}},
+                         "1": {"attn": {"W_V": eye, "W_O": -eye, "W_K": eye}}}}
+    s = circuits.copying_scores(params, d)
+    assert s["copying/L0H0"] == pytest.approx(1.0) and s["copying/L1H0"] == pytest.approx(-1.0)
+    comp = circuits.composition_scores(params)
+    assert comp["k_comp/L1H0"] == pytest.approx(1.0 / np.sqrt(d))  # ||I||/(||I|| ||I||)
+
+
+def _sigmoid(x, mid, width=0.08):
+    return 1.0 / (1.0 + np.exp(-(x - mid) / width))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phase_detection_recovers_midpoints(seed):
+    rng = np.random.default_rng(seed)
+    steps = np.unique(np.geomspace(1, 1e5, 120).astype(int))
+    x = np.log10(steps)
+    one = 4.0 - 3.0 * _sigmoid(x, 3.0) + rng.normal(0, 0.04, len(x))
+    ts = detect_transitions(steps, one)
+    assert len(ts) == 1
+    assert abs(np.log10(ts[0]["mid"]) - 3.0) < 0.02 * 3.0
+    assert ts[0]["onset"] < ts[0]["mid"] < ts[0]["end"]
+    two = 3.0 - 1.0 * _sigmoid(x, 1.5, 0.1) - 1.5 * _sigmoid(x, 3.5, 0.1) + rng.normal(0, 0.03, len(x))
+    ts = detect_transitions(steps, two)
+    assert len(ts) == 2
+    assert abs(np.log10(ts[0]["mid"]) - 1.5) < 0.02 * 1.5 and abs(np.log10(ts[1]["mid"]) - 3.5) < 0.02 * 3.5
+    assert detect_transitions(steps, 1.0 + rng.normal(0, 0.05, len(x))) == []
+
+
+def test_first_crossing():
+    assert first_crossing([0, 10, 20, 30], [1.0, 0.5, 0.2, 0.1], 0.3) == 20
+    assert first_crossing([0, 10], [1.0, 0.5], 0.3) is None
+
+
+def test_adaptive_cadence_logs_densely_inside_transition():
+    cad = AdaptiveCadence(CadenceConfig(adaptive=True, dense_every=10, base_every=200, threshold=0.05))
+    curve = lambda s: 4.0 - 3.0 / (1.0 + np.exp(-(s - 3000) / 150))  # noqa: E731
+    step, logged = 0, [0]
+    cad.observe(0, curve(0))
+    while step < 10000:
+        step = cad.next_stop(step, (step // 500 + 1) * 500)
+        logged.append(step)
+        cad.observe(step, curve(step))
+    logged = np.array(logged)
+    inside = np.sum((logged >= 2700) & (logged <= 3300)) / 600
+    outside = np.sum(logged > 5000) / 5000
+    assert inside > 5 * outside
+    assert np.sum((logged >= 2700) & (logged <= 3300)) >= 20
+
+
+def test_measures_logged_per_head_in_a_run():
+    from lab.config import load_config
+    from lab.train import Trainer
+    from tests.conftest import TINY
+
+    cfg, _ = load_config(TINY + ["trainer.steps=20", "measures.names=[auto]",
+                                 "+measures.clamps.pm={site:blocks.1.attn.hook_pattern,value:induction}"])
+    tr = Trainer(cfg)
+    row = tr.measures(tr.model.params())
+    for name in ("prev_token", "prefix_matching", "entropy", "copying"):
+        assert {f"{name}/L{l}H{h}" for l in range(2) for h in range(2)} <= set(row), name
+    assert "k_comp/L1H0" in row and "param_norm/embed" in row
+    ev = tr.evaluate(tr.init_state())
+    assert "test@pm/loss" in ev and "test@pm/acc" not in ev
+    # the probe clamp changes the loss, the run's own evaluators stay unclamped
+    assert ev["test@pm/loss"] != ev["test/loss"]
+    assert float(jnp.isfinite(jnp.asarray(list(row.values()))).all())

@@ -1,0 +1,154 @@
+"""Resume, fork, replay, compare and show, on real run directories."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from lab.checkpoint import Checkpointer
+from lab.cli import main
+from lab.compare import aligned, compare, group_runs, show
+from lab.config import load_config
+from lab.replay import fork_run, replay_run, resume_run
+from lab.run import train_run
+from lab.tracking import read_metrics
+from tests.conftest import TINY
+
+RUN = TINY + ["checkpoint.every=20", "measures.names=[prev_token]"]
+
+
+def strip(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def params_at(run_dir, step, like):
+    return jax.device_get(Checkpointer(run_dir / "checkpoints", read_only=True).restore(step, like)["params"])
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    d = tmp_path_factory.mktemp("runs") / "parent"
+    overrides = RUN + [f"run.dir={d}"]
+    cfg, node = load_config(overrides)
+    train_run(cfg, node, quiet=True, overrides=overrides)
+    from lab.train import Trainer
+
+    return d, Trainer(cfg).init_state()
+
+
+def test_resume_is_identical_to_uninterrupted(parent, tmp_path):
+    src, like = parent
+    run = tmp_path / "interrupted"
+    shutil.copytree(src, run)
+    # what a run killed after its step-20 checkpoint leaves: later checkpoints gone, rows logged
+    # after the checkpoint (steps 40, 60) present, no summary
+    for s in (40, 60):
+        shutil.rmtree(run / "checkpoints" / str(s))
+    (run / "summary.json").unlink()
+    assert Checkpointer(run / "checkpoints", read_only=True).steps() == [0, 20]
+    resume_run(run, quiet=True)
+    a, b = strip(read_metrics(src / "metrics.jsonl")), strip(read_metrics(run / "metrics.jsonl"))
+    assert [r["step"] for r in b] == [0, 20, 40, 60]  # each step exactly once
+    assert a == b
+    for x, y in zip(jax.tree_util.tree_leaves(params_at(src, 60, like)),
+                    jax.tree_util.tree_leaves(params_at(run, 60, like)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert json.loads((run / "summary.json").read_text())["checkpoints"] == [0, 20, 40, 60]
+
+
+def test_fork_without_changes_continues_like_parent(parent, tmp_path):
+    src, like = parent
+    fork = fork_run(src, 20, [], run_dir=str(tmp_path / "fork"), quiet=True)
+    rows_p = {r["step"]: r for r in strip(read_metrics(src / "metrics.jsonl"))}
+    rows_f = strip(read_metrics(fork / "metrics.jsonl"))
+    assert [r["step"] for r in rows_f] == [20, 40, 60]
+    for r in rows_f:
+        want = {k: v for k, v in rows_p[r["step"]].items() if not k.startswith("train/")}
+        assert {k: v for k, v in r.items() if not k.startswith("train/")} == want
+    for x, y in zip(jax.tree_util.tree_leaves(params_at(src, 60, like)),
+                    jax.tree_util.tree_leaves(params_at(fork, 60, like)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    summary = json.loads((fork / "summary.json").read_text())
+    assert summary["parent"] == {"run_dir": str(src), "step": 20, "overrides": []}
+
+
+def test_fork_with_clamp_changes_the_continuation(parent, tmp_path):
+    src, _ = parent
+    fork = fork_run(src, 20, ["clamp=prev_token"], run_dir=str(tmp_path / "fork_clamp"), quiet=True)
+    s = json.loads((fork / "summary.json").read_text())
+    assert s["condition"] == "prev_token"
+    rows = {r["step"]: r for r in read_metrics(fork / "metrics.jsonl")}
+    parent_rows = {r["step"]: r for r in read_metrics(src / "metrics.jsonl")}
+    # the clamp acts from the fork's first row on (evaluation is clamped too) ...
+    assert rows[20]["test/loss"] != parent_rows[20]["test/loss"]
+    # ... while the measures describe the learned weights, unclamped: identical at the fork point
+    assert rows[20]["prev_token/L0H0"] == parent_rows[20]["prev_token/L0H0"]
+    assert rows[60]["prev_token/L0H0"] != parent_rows[60]["prev_token/L0H0"]
+
+
+def test_replay_matches_logged_values_and_adds_probe_clamps(parent):
+    src, _ = parent
+    out = replay_run(src, steps=[20, 60], quiet=True, wandb_mode="disabled",
+                     overrides=["+measures.clamps.pm={site:blocks.1.attn.hook_pattern,value:induction}"])
+    logged = {r["step"]: r for r in read_metrics(src / "metrics.jsonl")}
+    replayed = read_metrics(out)
+    assert [r["step"] for r in replayed] == [20, 60]
+    for r in replayed:
+        for k in ("test/loss", "test/repeated_acc", "prev_token/L0H0", "prev_token/L1H1"):
+            assert r[k] == pytest.approx(logged[r["step"]][k], rel=1e-6, abs=1e-7), k
+        assert "test@pm/loss" in r
+
+
+def _fake_run(d, every, task="repeat", condition="none", mid=1000.0, seed=0):
+    d.mkdir(parents=True)
+    steps = sorted(set(np.unique(np.geomspace(1, 10000, 60).astype(int)).tolist()) | set(range(0, 10001, every)))
+    rows = [{"step": s, "test/loss": float(4 - 3 / (1 + np.exp(-(np.log10(max(s, 1)) - np.log10(mid)) / 0.15)))}
+            for s in steps]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({"experiment": "x", "condition": condition, "task": task, "seed": seed,
+                                                "batch_size": 8, "phase": {"metric": "test/loss"}}))
+    (d / "config.yaml").write_text("seed: 0\n")
+    return d
+
+
+def test_compare_aligns_cadences_and_writes_selfcontained_report(tmp_path):
+    a = _fake_run(tmp_path / "runs" / "a", every=50)
+    b = _fake_run(tmp_path / "runs" / "b", every=500, seed=1)
+    c = _fake_run(tmp_path / "runs" / "c", every=100, condition="clamped", mid=300.0)
+    groups = group_runs([a, b, c])
+    assert set(groups) == {"x/none", "x/clamped"} and len(groups["x/none"]) == 2
+    grid, mean, lo, hi = aligned(groups["x/none"], "test/loss", "step")
+    assert np.max(hi - lo) < 0.05  # same curve logged at different cadences lines up
+    out = compare([tmp_path / "runs"], metrics=["test/loss"], baseline=str(a), out=tmp_path / "cmp")
+    table = (out / "table.md").read_text()
+    assert "x/none" in table and "x/clamped" in table
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http" not in html and "<script" not in html
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| x/")}
+    delta = float(rows["x/clamped"].split("|")[-2])
+    assert delta == pytest.approx(300 - 1000, rel=0.05)
+
+
+def test_show_prints_one_screen(parent):
+    src, _ = parent
+    text = show(src)
+    assert "experiment demo" in text and "checkpoints: [0, 20, 40, 60]" in text and len(text.splitlines()) < 25
+
+
+def test_bad_input(parent, tmp_path, capsys):
+    src, _ = parent
+    other = _fake_run(tmp_path / "other", every=100, task="bursty")
+    cases = [
+        (["resume", str(tmp_path)], "not a run directory"),
+        (["fork", str(src), "--step", "7"], "--step=7"),
+        (["replay", str(src), "--steps", "5"], "--steps=[5]"),
+        (["compare", str(src), str(other), "--out", str(tmp_path / "c")], "incompatible"),
+        (["show", str(tmp_path / "nope")], "not a run directory"),
+    ]
+    for argv, text in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and text in err, (argv, err)
+    assert not (tmp_path / "c").exists()
