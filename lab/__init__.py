@@ -1,0 +1,26 @@
+"""induction-lab: watch induction heads form.
+
+Importing the lab turns on JAX's persistent compilation cache (``$LAB_COMPILATION_CACHE``, default
+``~/.cache/induction-lab/jax``; ``LAB_COMPILATION_CACHE=0`` turns it off), so a program compiled once
+-- the demo's step, a sweep's shared shapes -- loads in milliseconds the next time, in any process.
+"""
+
+import os
+
+
+def _compilation_cache() -> None:
+    where = os.environ.get("LAB_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                                 "induction-lab", "jax"))
+    if where in ("0", ""):
+        return
+    try:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except Exception:  # an old or unusual jax: run without the cache
+        pass
+
+
+_compilation_cache()

@@ -123,6 +123,7 @@ def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str |
         cfg.run.dir = str(default_run_dir(cfg).parent / f"{parent.name}-fork{step}")
         if Path(cfg.run.dir).exists():
             cfg.run.dir = str(default_run_dir(cfg).with_name(f"{parent.name}-fork{step}-x"))
+    node.run.dir = cfg.run.dir  # the fork's config.yaml names its own directory
     if step >= cfg.trainer.steps:
         raise LabError(f"--step={step}: must be below trainer.steps={cfg.trainer.steps} of the fork")
     trainer = Trainer(cfg)

@@ -85,7 +85,9 @@ class Trainer:
         any_frozen = any(jax.tree_util.tree_leaves(frozen))
         self.opt = make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None)
         self.clamps = ClampSet(getattr(cfg, "clamps", None) or {}, self.model, self.task)
-        self.measures = Measures(cfg.measures, self.model, self.task)
+        trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
+        self.measures = Measures(cfg.measures, self.model, self.task, loss_fn=self.loss, batch_size=tc.batch_size,
+                                 trainable=trainable)
         # progress measures by clamp: the current model evaluated with a clamp it was not trained with
         self.probe_clamps = {name: ClampSet({name: spec}, self.model, self.task)
                              for name, spec in cfg.measures.clamps.items()}
@@ -137,6 +139,10 @@ class Trainer:
         n = batch["tokens"].shape[0]
         c = max(d for d in range(1, min(n, self.cfg.trainer.eval_batch_size) + 1) if n % d == 0)
         chunks = jax.tree_util.tree_map(lambda a: a.reshape(n // c, c, *a.shape[1:]), batch)
+
+        if frozen is not None and clamps is self.clamps:
+            # the snapshot a training step at `step` would use (taken when a window opens at `step`)
+            frozen = self.clamps.update_frozen(frozen, params, step)
 
         def fwd(b):
             hooks = clamps.hooks(params, b, step, frozen, training=False) if clamps else NO_HOOKS

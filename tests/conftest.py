@@ -1,11 +1,14 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+# one compilation cache for the whole session (subprocesses too): identical programs compile once
+os.environ.setdefault("LAB_COMPILATION_CACHE", tempfile.mkdtemp(prefix="lab-jax-cache-"))
 ROOT = Path(__file__).resolve().parent.parent
 
 # A tiny run on the demo task: a few seconds on a CPU, same shapes in every test that uses it.

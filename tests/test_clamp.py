@@ -112,6 +112,10 @@ def test_frozen_equals_reference_to_checkpoint_of_same_run(tmp_path):
     state, _ = tr.advance(state, 20)
     ck.save(20, state)
     ck.close()
+    # evaluated at the step its window opens, a frozen clamp replaces the site by its own value
+    free = setup()
+    ev_frozen, ev_free = tr.evaluate(state), free.evaluate(state)
+    assert ev_frozen["test/loss"] == pytest.approx(ev_free["test/loss"], rel=1e-6)
     state, _ = tr.advance(state, 15)
     assert leaves_equal(state["frozen"]["f"], jax.device_get(Checkpointer(tmp_path / "run" / "checkpoints",
                                                                           read_only=True).restore(20, state)["params"]))
@@ -140,7 +144,7 @@ def test_ideal_patterns_on_token_task():
 
 def test_singh_presets_run_on_fewshot():
     cfg, _ = load_config(["experiment=singh_fewshot", "clamp=[perfect_match,single_head]",
-                          "tracking.wandb.mode=disabled"])
+                          "tracking.wandb.mode=disabled", "task.eval_size=20", "measures.names=[none]"])
     tr = Trainer(cfg)
     batch = tr.task.sample(jax.random.PRNGKey(0), 8)
     params = tr.model.params()

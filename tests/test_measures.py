@@ -112,15 +112,57 @@ def test_measures_logged_per_head_in_a_run():
     from lab.train import Trainer
     from tests.conftest import TINY
 
-    cfg, _ = load_config(TINY + ["trainer.steps=20", "measures.names=[auto]",
+    cfg, _ = load_config(TINY + ["trainer.steps=20", "measures.names=[auto,llc]", "measures.llc_steps=8",
                                  "+measures.clamps.pm={site:blocks.1.attn.hook_pattern,value:induction}"])
     tr = Trainer(cfg)
     row = tr.measures(tr.model.params())
     for name in ("prev_token", "prefix_matching", "entropy", "copying"):
         assert {f"{name}/L{l}H{h}" for l in range(2) for h in range(2)} <= set(row), name
     assert "k_comp/L1H0" in row and "param_norm/embed" in row
+    assert np.isfinite(row["llc/estimate"])
     ev = tr.evaluate(tr.init_state())
     assert "test@pm/loss" in ev and "test@pm/acc" not in ev
     # the probe clamp changes the loss, the run's own evaluators stay unclamped
     assert ev["test@pm/loss"] != ev["test/loss"]
     assert float(jnp.isfinite(jnp.asarray(list(row.values()))).all())
+
+
+def test_llc_of_a_quadratic_is_half_its_dimension():
+    from lab.measures.llc import estimate_llc
+
+    d = 4
+
+    def loss(w, batch):
+        return 0.5 * jnp.sum(w["w"] ** 2) + 0.0 * batch
+
+    def chains(trainable):
+        run = lambda k: estimate_llc(loss, {"w": jnp.zeros(d)}, lambda k: jnp.zeros(()), k, steps=3000,  # noqa: E731
+                                     eps=1e-4, gamma=1.0, n=10000, trainable=trainable)
+        return float(jnp.mean(jax.jit(jax.vmap(run))(jax.random.split(jax.random.PRNGKey(0), 8))))
+
+    # exact for this posterior: n·β·d / (2 (n·β + γ)) ≈ d/2 (one chain's spread is ~7 %, 8 chains' ~2.5 %)
+    assert chains(None) == pytest.approx(d / 2, rel=0.1)
+    # frozen coordinates do not move, so they add nothing
+    assert chains({"w": jnp.array([True, True, False, False])}) == pytest.approx(d / 4, rel=0.1)
+
+
+def test_memory_recall_on_constructed_memories():
+    """Bietti's probes score 1 on ideal memories and near chance on random ones."""
+    n, d = 16, 64
+    rng = np.random.default_rng(0)
+    we = np.linalg.qr(rng.normal(size=(d, d)))[0][:n]  # orthonormal token embeddings
+    pos = np.linalg.qr(rng.normal(size=(d, d)))[0][n:n + 10]  # orthonormal positions, orthogonal to tokens
+    eye = np.eye(d)[None]
+    shift = np.zeros((d, d))  # query at position t -> key at t-1
+    for t in range(1, 10):
+        shift += np.outer(pos[t], pos[t - 1])
+    params = {"embed": {"W_E": we}, "unembed": {"W_U": we.T},
+              "blocks": {"0": {"attn": {"W_Q": eye, "W_K": shift.T[None], "W_V": eye, "W_O": eye}},
+                         "1": {"attn": {"W_Q": eye, "W_K": eye, "W_V": eye, "W_O": eye}}}}
+    r = circuits.memory_recall(params, {"pos_embed": {"W_pos": pos}}, n)
+    assert r == {"recall/L1_ov": 1.0, "recall/L1_qk": 1.0, "recall/L0_qk": 1.0}
+    rand = {"embed": {"W_E": we}, "unembed": {"W_U": rng.normal(size=(d, n))},
+            "blocks": {"0": {"attn": {k: rng.normal(size=(1, d, d)) for k in ("W_Q", "W_K", "W_V", "W_O")}},
+                       "1": {"attn": {k: rng.normal(size=(1, d, d)) for k in ("W_Q", "W_K", "W_V", "W_O")}}}}
+    r = circuits.memory_recall(rand, {"pos_embed": {"W_pos": pos}}, n)
+    assert r["recall/L1_ov"] < 0.5 and r["recall/L1_qk"] < 0.5

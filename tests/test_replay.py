@@ -72,6 +72,9 @@ def test_fork_without_changes_continues_like_parent(parent, tmp_path):
         np.testing.assert_array_equal(x, y)
     summary = json.loads((fork / "summary.json").read_text())
     assert summary["parent"] == {"run_dir": str(src), "step": 20, "overrides": []}
+    import yaml
+
+    assert yaml.safe_load((fork / "config.yaml").read_text())["run"]["dir"] == str(fork)
 
 
 def test_fork_with_clamp_changes_the_continuation(parent, tmp_path):

@@ -588,3 +588,20 @@ def test_label_sets_permuted_once():
     t2 = FewshotTask(FewshotConfig(**SMALL_FEWSHOT))
     np.testing.assert_array_equal(np.asarray(t1.label_sets), np.asarray(t2.label_sets))
     assert sorted(map(tuple, np.asarray(t1.label_sets).tolist())) == list(itertools.combinations(range(5), 2))
+
+
+def test_markov_strategies_exact():
+    from lab.tasks.markov import strategies
+
+    tokens = jnp.array([[0, 1, 1, 0, 1]])
+    s = strategies(tokens, 2)
+    np.testing.assert_allclose(np.asarray(s["uniform"][0, 3]), [0.5, 0.5])
+    # unigram at t=3: counts of x_0..x_3 = (2 zeros, 2 ones) -> (2+1)/(4+2) each
+    np.testing.assert_allclose(np.asarray(s["unigram"][0, 3]), [0.5, 0.5])
+    np.testing.assert_allclose(np.asarray(s["unigram"][0, 2]), [2 / 5, 3 / 5])
+    # bigram at t=4 (x_4 = 1): transitions out of 1 seen before: 1->1, 1->0 -> (1+1)/(2+2) each
+    np.testing.assert_allclose(np.asarray(s["bigram"][0, 4]), [0.5, 0.5])
+    # bigram at t=3 (x_3 = 0): out of 0 seen: 0->1 -> [(0+1)/3, (1+1)/3]
+    np.testing.assert_allclose(np.asarray(s["bigram"][0, 3]), [1 / 3, 2 / 3], rtol=1e-6)
+    for p in s.values():
+        np.testing.assert_allclose(np.asarray(p.sum(-1)), 1.0, rtol=1e-6)

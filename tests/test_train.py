@@ -89,7 +89,8 @@ def test_sgd_multiplicative_weight_decay():
 @pytest.mark.parametrize("exp", ["reddy_bursty", "singh_fewshot", "bietti_bigram", "edelman_markov", "olsson_repeat"])
 def test_paper_experiments_compose_and_build(exp):
     """Every named experiment composes, validates, and builds its task and model."""
-    cfg, _ = load_config([f"experiment={exp}", "tracking.wandb.mode=disabled"])
+    cfg, _ = load_config([f"experiment={exp}", "tracking.wandb.mode=disabled", "task.eval_size=20",
+                          "measures.names=[none]"])
     tr = Trainer(cfg)
     batch = tr.task.sample(jax.random.PRNGKey(0), 2)
     logits = tr.model.apply(tr.model.params(), batch)

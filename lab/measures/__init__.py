@@ -28,8 +28,9 @@ ATTENTION = {
     "tla": (att.tla, False, True),
     "entropy": (att.entropy, False, False),
 }
-WEIGHTS = ("copying", "composition", "param_norm")
-ALL = tuple(ATTENTION) + WEIGHTS
+WEIGHTS = ("copying", "composition", "param_norm", "memory_recall")
+SLOW = ("llc",)  # never in `auto`: ask for it by name
+ALL = tuple(ATTENTION) + WEIGHTS + SLOW
 
 
 @dataclass
@@ -39,12 +40,21 @@ class MeasuresConfig:
     # progress measure by clamp: the current model's loss on each evaluator with these clamps on,
     # logged as <evaluator>@<name>/loss (mappings of clamp fields, as in `clamps`)
     clamps: dict[str, Any] = field(default_factory=dict)
+    # local learning coefficient (`llc` in names): SGLD around the current parameters
+    llc_steps: int = 200
+    llc_eps: float = 1e-4
+    llc_gamma: float = 100.0
+    llc_n: int = 10000  # the n of n·β (β = 1/log n): an effective data-set size
+    llc_seed: int = 0
 
     def validate(self) -> None:
         for n in self.names:
             check(n in ALL or n in ("auto", "none"), "measures.names", list(self.names),
                   f"each one of auto, none, {', '.join(ALL)}")
         check(self.probe_size >= 1, "measures.probe_size", self.probe_size, "must be >= 1")
+        check(self.llc_steps >= 4, "measures.llc_steps", self.llc_steps, "must be >= 4")
+        check(self.llc_eps > 0, "measures.llc_eps", self.llc_eps, "must be > 0")
+        check(self.llc_n >= 2, "measures.llc_n", self.llc_n, "must be >= 2")
 
 
 def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
@@ -57,6 +67,8 @@ def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
             auto += ["induction_strength", "ila", "tila", "tla"]
         if not task.feature_dim:
             auto += ["prefix_matching", "copying"]
+        if task.cfg.name == "bigram":
+            auto.append("memory_recall")
         auto.append("composition")
         names = [n for n in names if n != "auto"] + [n for n in auto if n not in names]
     usable = []
@@ -79,7 +91,7 @@ def repeated_probe(key, n: int, t: int, vocab: int) -> dict:
 class Measures:
     """The chosen measures of one run, with their probe batch and one jitted program."""
 
-    def __init__(self, cfg: MeasuresConfig, model, task):
+    def __init__(self, cfg: MeasuresConfig, model, task, loss_fn=None, batch_size: int = 64, trainable=None):
         self.cfg, self.model, self.task = cfg, model, task
         self.names = resolve_names(cfg, task)
         self.attn_names = [n for n in self.names if n in ATTENTION]
@@ -89,6 +101,16 @@ class Measures:
         if any(ATTENTION[m][1] for m in self.attn_names):
             self.token_probe = repeated_probe(jax.random.PRNGKey(7), n, task.seq_len, task.n_outputs)
         self.fn = jax.jit(self._attention)
+        self.llc_fn = None
+        if "llc" in self.names and loss_fn is not None:
+            from lab.measures.llc import estimate_llc
+
+            def llc(params):
+                return estimate_llc(loss_fn, params, lambda k: task.sample(k, batch_size),
+                                    jax.random.PRNGKey(cfg.llc_seed), steps=cfg.llc_steps, eps=cfg.llc_eps,
+                                    gamma=cfg.llc_gamma, n=cfg.llc_n, trainable=trainable)
+
+            self.llc_fn = jax.jit(llc)
 
     def _attention(self, params, probe, token_probe):
         L = self.model.cfg.n_layers
@@ -109,6 +131,8 @@ class Measures:
 
     def __call__(self, params) -> dict[str, float]:
         row = {k: float(v) for k, v in jax.device_get(self.fn(params, self.probe, self.token_probe)).items()}
+        if self.llc_fn is not None:
+            row["llc/estimate"] = float(self.llc_fn(params))
         if any(n in WEIGHTS for n in self.names):
             host = jax.device_get(params)
             if "copying" in self.names:
@@ -117,4 +141,6 @@ class Measures:
                 row.update(circuits.composition_scores(host))
             if "param_norm" in self.names:
                 row.update(circuits.param_norms(host))
+            if "memory_recall" in self.names:
+                row.update(circuits.memory_recall(host, self.model._consts, self.task.n_outputs))
         return row

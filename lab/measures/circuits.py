@@ -89,3 +89,42 @@ def param_norms(params: dict) -> dict[str, float]:
         else:
             out[f"param_norm/{k}"] = norm(v)
     return out
+
+
+def memory_recall(params: dict, consts: dict, n_tokens: int) -> dict[str, float]:
+    """Bietti et al.'s associative-memory probes, for head 0 of a 2-layer model. Each is the fraction of
+    probes whose argmax through the memory recovers the intended item:
+
+    - ``recall/L1_ov``: token j's embedding through layer 1's value-output circuit and the unembedding
+      gives logit argmax j (the output memory: copy the attended token);
+    - ``recall/L1_qk``: the query of token i (layer 1) scores highest the key that carries "previous
+      token = i" (layer 0's value-output of token i): the induction match;
+    - ``recall/L0_qk``: the query at position t (layer 0, position embedding) scores position t - 1
+      highest: the previous-token memory.
+    """
+    from lab.model import merge_consts
+
+    p = merge_consts(params, consts)
+    if "0" not in p["blocks"] or "1" not in p["blocks"]:
+        return {}
+    we = np.asarray(p["embed"]["W_E"])[:n_tokens]  # [n, d]
+    wu = np.asarray(p["unembed"]["W_U"])
+    a0, a1 = p["blocks"]["0"]["attn"], p["blocks"]["1"]["attn"]
+    out = {}
+    if wu.shape[0] == we.shape[1]:
+        ov1 = ov_matrix(p, consts, 1, 0)
+        logits = we @ ov1 @ wu[:, :n_tokens]  # [n, n]
+        out["recall/L1_ov"] = float(np.mean(np.argmax(logits, 1) == np.arange(n_tokens)))
+    wo0 = np.asarray(a0["W_O"][0]) if "W_O" in a0 else np.eye(np.asarray(a0["W_V"]).shape[-1])
+    prev_key = we @ np.asarray(a0["W_V"][0]) @ wo0  # [n, d]: what layer 0 writes for "previous token = j"
+    q1 = we @ np.asarray(a1["W_Q"][0])  # [n, dh]
+    k1 = prev_key @ np.asarray(a1["W_K"][0])
+    out["recall/L1_qk"] = float(np.mean(np.argmax(q1 @ k1.T, 1) == np.arange(n_tokens)))
+    if "W_pos" in p.get("pos_embed", {}):
+        pos = np.asarray(p["pos_embed"]["W_pos"])
+        q0, k0 = pos @ np.asarray(a0["W_Q"][0]), pos @ np.asarray(a0["W_K"][0])
+        s = q0 @ k0.T
+        t = pos.shape[0]
+        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+        out["recall/L0_qk"] = float(np.mean(np.argmax(s[1:], 1) == np.arange(t - 1)))
+    return out

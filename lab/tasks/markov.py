@@ -26,6 +26,7 @@ from lab.tasks.base import (
     build_eval_sets,
     categorical_from,
     check_common,
+    standard_metrics,
     vmap_sequences,
 )
 
@@ -138,6 +139,33 @@ class MarkovTask(Task):
     def sample(self, key: jax.Array, batch_size: int) -> Batch:
         return self.sample_with_matrices(key, batch_size)[0]
 
+    def metrics(self, logits, batch):
+        """The standard metrics plus Edelman's strategy distances: ``kl_uniform``, ``kl_unigram``,
+        ``kl_bigram`` = mean over positions of KL(strategy || model)."""
+        out = standard_metrics(logits, batch)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        for name, p in strategies(batch["tokens"], self.cfg.n_states).items():
+            kl = jnp.sum(p * (jnp.log(p) - logp), axis=-1)
+            out[f"kl_{name}"] = jnp.mean(kl)
+        return out
+
+
     def build_evals(self) -> dict[str, Batch]:
         size = self.cfg.eval_size
         return build_eval_sets(lambda k, _: self.sample(k, size), {"test": ()}, self.cfg.eval_seed)
+
+
+def strategies(tokens: jax.Array, k: int) -> dict[str, jax.Array]:
+    """Edelman's reference predictors of x_{t+1} from x_0..x_t, each [B, T, k]: uniform 1/k;
+    in-context unigram (count + 1)/(t + 1 + k); in-context bigram (n(x_t -> j) + 1)/(n(x_t) + k),
+    the Bayes-optimal predictor under the Dirichlet(1) prior."""
+    x = jax.nn.one_hot(tokens, k)  # [B, T, k]
+    b, t = tokens.shape
+    uniform = jnp.full((b, t, k), 1.0 / k)
+    counts = jnp.cumsum(x, axis=1)
+    unigram = (counts + 1.0) / (jnp.arange(1, t + 1, dtype=jnp.float32)[None, :, None] + k)
+    pairs = jnp.einsum("bti,btj->btij", x[:, :-1], x[:, 1:])  # transitions s -> s+1
+    seen = jnp.concatenate([jnp.zeros((b, 1, k, k)), jnp.cumsum(pairs, axis=1)], axis=1)  # before position t
+    row = jnp.einsum("bti,btij->btj", x, seen)  # counts of transitions out of x_t seen so far
+    bigram = (row + 1.0) / (jnp.sum(row, -1, keepdims=True) + k)
+    return {"uniform": uniform, "unigram": unigram, "bigram": bigram}

@@ -1,0 +1,103 @@
+"""`make bench`: throughput figures measured side by side in one process, written to
+bench/results.json. Ratios, not timed tests: the machine and its load change absolute numbers.
+
+Sections (more come with the throughput issue):
+- clamps: steady-state steps/s of the demo model with each clamp kind vs no clamp;
+- logging: a whole `fit` at the default cadence (evaluators + measures) vs the same steps unlogged.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from lab.checkpoint import Checkpointer
+from lab.clamp import ClampConfig
+from lab.config import load_config
+from lab.train import Trainer
+
+BASE = ["experiment=demo", "tracking.wandb.mode=disabled", "trainer.progress=false", "trainer.steps_per_call=50"]
+
+
+def steady(tr: Trainer, seconds: float = 3.0) -> float:
+    """Steps per second of the fused training step, after compilation."""
+    st = tr.init_state()
+    st, _ = tr.scan_fn(st)
+    jax.block_until_ready(st)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        st, _ = tr.scan_fn(st)
+        n += tr.chunk
+    jax.block_until_ready(st)
+    return n / (time.perf_counter() - t0)
+
+
+def trainer(clamps=None, extra=()):
+    cfg, _ = load_config(BASE + list(extra))
+    cfg.clamps = clamps or {}
+    return Trainer(cfg)
+
+
+def bench_clamps(seconds: float) -> dict:
+    ref_dir = Path(tempfile.mkdtemp()) / "ref"
+    tr0 = trainer()
+    ck = Checkpointer(ref_dir / "checkpoints")
+    ck.save(0, tr0.init_state())
+    ck.close()
+    kinds = {
+        "zero (attn_out)": ClampConfig(site="blocks.0.hook_attn_out", value="zero"),
+        "previous_token (pattern)": ClampConfig(site="blocks.0.attn.hook_pattern", heads=[0], value="previous_token"),
+        "induction (pattern)": ClampConfig(site="blocks.1.attn.hook_pattern", heads=[0], value="induction"),
+        "ablate (v)": ClampConfig(site="blocks.1.attn.hook_v", heads=[1], value="ablate"),
+        "ablate + preserve patterns": ClampConfig(site="blocks.0.attn.hook_v", heads=[1], value="ablate",
+                                                  preserve="patterns"),
+        "perfect_copy": ClampConfig(site="blocks.1.attn.hook_pattern", heads=[0], value="perfect_copy"),
+        "windowed zero (closed)": ClampConfig(site="blocks.0.hook_attn_out", value="zero", windows=[[10**9, -1]]),
+        "reference": ClampConfig(site="blocks.0.attn.hook_pattern", value="reference", reference_dir=str(ref_dir),
+                                 reference_step=0),
+        "frozen": ClampConfig(site="blocks.0.hook_attn_out", value="frozen", windows=[[0, -1]]),
+    }
+    base = steady(tr0, seconds)
+    out = {"none": {"steps_per_sec": base, "ratio": 1.0}}
+    for name, c in kinds.items():
+        sps = steady(trainer({"c": c}), seconds)
+        out[name] = {"steps_per_sec": sps, "ratio": sps / base}
+        print(f"  clamp {name:28s} {sps:8.1f} steps/s  x{sps / base:.2f}", file=sys.stderr)
+    return out
+
+
+def bench_logging() -> dict:
+    res = {}
+    for label, extra in (("unlogged", ["trainer.eval_every=0", "trainer.eval_log_points=0", "measures.names=[none]"]),
+                         ("default cadence", [])):
+        tr = trainer(extra=["checkpoint.every=0", "checkpoint.log_points=0", *extra])
+        tr.fit(tr.init_state())  # compile everything once
+        t0 = time.perf_counter()
+        tr.fit(tr.init_state())
+        res[label] = {"seconds": time.perf_counter() - t0, "steps": tr.cfg.trainer.steps}
+    res["cost"] = res["default cadence"]["seconds"] / res["unlogged"]["seconds"] - 1.0
+    print(f"  logging at the default cadence costs {100 * res['cost']:.1f} % of a run's time", file=sys.stderr)
+    return res
+
+
+def main():
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
+    results = {"machine": {"platform": platform.platform(), "device": str(jax.devices()[0].device_kind),
+                           "cpus": __import__("os").cpu_count()}}
+    print("clamps (demo model, steady-state fused steps):", file=sys.stderr)
+    results["clamps"] = bench_clamps(seconds)
+    print("logging (demo, whole fit after compilation):", file=sys.stderr)
+    results["logging"] = bench_logging()
+    out = Path(__file__).parent / "results.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
