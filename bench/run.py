@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from lab.checkpoint import Checkpointer
 from lab.clamp import ClampConfig
@@ -25,17 +26,29 @@ from lab.train import Trainer
 BASE = ["experiment=demo", "tracking.wandb.mode=disabled", "trainer.progress=false", "trainer.steps_per_call=50"]
 
 
-def steady(tr: Trainer, seconds: float = 3.0) -> float:
-    """Steps per second of the fused training step, after compilation."""
-    st = tr.init_state()
+def steady(tr: Trainer, seconds: float = 3.0, state=None):
+    """Steps per second of the fused training step (compiled beforehand), and the state to go on from."""
+    st = state if state is not None else tr.init_state()
     st, _ = tr.scan_fn(st)
     jax.block_until_ready(st)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         st, _ = tr.scan_fn(st)
+        jax.block_until_ready(st)  # dispatch is asynchronous: without this the clock only sees the queueing
         n += tr.chunk
-    jax.block_until_ready(st)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), st
+
+
+def interleaved(trainers: dict, seconds: float, rounds: int = 3) -> dict[str, float]:
+    """Median steps/s of each trainer over rounds that visit them in turn, so drifts in the machine's
+    speed hit every condition alike."""
+    states = {k: None for k in trainers}
+    runs = {k: [] for k in trainers}
+    for _ in range(rounds):
+        for k, tr in trainers.items():
+            sps, states[k] = steady(tr, seconds / rounds, states[k])
+            runs[k].append(sps)
+    return {k: float(np.median(v)) for k, v in runs.items()}
 
 
 def trainer(clamps=None, extra=()):
@@ -63,26 +76,36 @@ def bench_clamps(seconds: float) -> dict:
                                  reference_step=0),
         "frozen": ClampConfig(site="blocks.0.hook_attn_out", value="frozen", windows=[[0, -1]]),
     }
-    base = steady(tr0, seconds)
-    out = {"none": {"steps_per_sec": base, "ratio": 1.0}}
-    for name, c in kinds.items():
-        sps = steady(trainer({"c": c}), seconds)
-        out[name] = {"steps_per_sec": sps, "ratio": sps / base}
-        print(f"  clamp {name:28s} {sps:8.1f} steps/s  x{sps / base:.2f}", file=sys.stderr)
+    trainers = {"none": tr0, **{name: trainer({"c": c}) for name, c in kinds.items()}}
+    sps = interleaved(trainers, seconds)
+    out = {}
+    for name, v in sps.items():
+        out[name] = {"steps_per_sec": v, "ratio": v / sps["none"]}
+        print(f"  clamp {name:28s} {v:8.1f} steps/s  x{v / sps['none']:.2f}", file=sys.stderr)
     return out
 
 
 def bench_logging() -> dict:
+    """A whole 1500-step demo fit after compilation: unlogged, at the library's default cadence
+    (a row every 100 steps: evaluators + measures), and at the demo's denser one (+20 log-spaced)."""
     res = {}
-    for label, extra in (("unlogged", ["trainer.eval_every=0", "trainer.eval_log_points=0", "measures.names=[none]"]),
-                         ("default cadence", [])):
-        tr = trainer(extra=["checkpoint.every=0", "checkpoint.log_points=0", *extra])
+    setups = (("unlogged", ["trainer.eval_every=0", "trainer.eval_log_points=0", "measures.names=[none]"]),
+              ("default cadence (every 100)", ["trainer.eval_log_points=0"]),
+              ("demo cadence (every 100 + 20 log-spaced)", []))
+    no_ckpt = ["checkpoint.every=0", "checkpoint.log_points=0"]
+    trainers = {label: trainer(extra=[*no_ckpt, *extra]) for label, extra in setups}
+    for tr in trainers.values():
         tr.fit(tr.init_state())  # compile everything once
-        t0 = time.perf_counter()
-        tr.fit(tr.init_state())
-        res[label] = {"seconds": time.perf_counter() - t0, "steps": tr.cfg.trainer.steps}
-    res["cost"] = res["default cadence"]["seconds"] / res["unlogged"]["seconds"] - 1.0
-    print(f"  logging at the default cadence costs {100 * res['cost']:.1f} % of a run's time", file=sys.stderr)
+    times = {label: [] for label in trainers}
+    for _ in range(3):
+        for label, tr in trainers.items():
+            t0 = time.perf_counter()
+            tr.fit(tr.init_state())
+            times[label].append(time.perf_counter() - t0)
+    base = float(np.median(times["unlogged"]))
+    for label, ts in times.items():
+        res[label] = {"seconds": float(np.median(ts)), "cost": float(np.median(ts)) / base - 1.0}
+        print(f"  {label:42s} {np.median(ts):6.2f} s  (+{100 * (np.median(ts) / base - 1):.1f} %)", file=sys.stderr)
     return res
 
 
