@@ -180,40 +180,36 @@ def _normalise(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return w / jnp.where(tot > 0, tot, 1.0), tot[..., 0] > 0
 
 
+def _static_pattern(kind: str, t: int) -> np.ndarray:
+    """The batch-independent ideal patterns [q, k], rows normalised, built once at trace time."""
+    qi, ki = np.arange(t)[:, None], np.arange(t)[None, :]
+    w = {"previous_token": (ki == qi - 1) | ((qi == 0) & (ki == 0)), "self": ki == qi, "first": ki == 0,
+         "uniform": ki <= qi}[kind].astype(np.float32)
+    return w / w.sum(-1, keepdims=True)
+
+
 def ideal_pattern(kind: str, batch: dict, task, t: int, strength: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """A hand-designed attention pattern [batch, 1, q, k] and where it is defined [batch, 1, q, 1]."""
-    b = batch["tokens"].shape[0]
-    qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    causal = (ki <= qi).astype(jnp.float32)
-    if kind == "previous_token":
-        w = ((ki == qi - 1) | ((qi == 0) & (ki == 0))).astype(jnp.float32)
-        w = jnp.broadcast_to(w, (b, t, t))
-    elif kind == "self":
-        w = jnp.broadcast_to((ki == qi).astype(jnp.float32), (b, t, t))
-    elif kind == "first":
-        w = jnp.broadcast_to((ki == 0).astype(jnp.float32), (b, t, t))
-    elif kind == "uniform":
-        w = jnp.broadcast_to(causal, (b, t, t))
-    elif kind == "induction":
-        if "query_match" in batch and task.classification:
-            labels = np.zeros(t, np.float32)
-            labels[list(task.label_positions)] = 1.0
-            match = batch["query_match"]  # [b, k]
-            other = (1.0 - match) * labels
-            m, _ = _normalise(match)
-            o, has_other = _normalise(other)
-            s = jnp.where(has_other[:, None], strength, 1.0)
-            row = s * m + (1.0 - s) * o  # [b, k]
-            isq = np.zeros(t, bool)
-            isq[list(task.query_positions)] = True
-            w = jnp.where(jnp.asarray(isq)[None, :, None], row[:, None, :], 0.0)
-        else:
-            tok = batch["tokens"]
-            prev = jnp.concatenate([jnp.full((b, 1), -1, tok.dtype), tok[:, :-1]], axis=1)  # token before k
-            w = ((prev[:, None, :] == tok[:, :, None]) & (ki >= 1) & (ki <= qi)).astype(jnp.float32)
-    else:
+    """A hand-designed attention pattern [batch or 1, 1, q, k] and where it is defined [.., 1, q, 1]."""
+    if kind in ("previous_token", "self", "first", "uniform"):
+        w = jnp.asarray(_static_pattern(kind, t))
+        return w[None, None], jnp.ones((1, 1, t, 1), bool)
+    if kind != "induction":
         raise ValueError(kind)
-    w = w * causal
+    if "query_match" in batch and task.classification:
+        labels = np.zeros(t, np.float32)
+        labels[list(task.label_positions)] = 1.0
+        match = batch["query_match"]  # [b, k]
+        m, _ = _normalise(match)
+        o, has_other = _normalise((1.0 - match) * labels)
+        s = jnp.where(has_other[:, None], strength, 1.0)
+        row = s * m + (1.0 - s) * o  # [b, k]
+        isq = np.zeros(t, bool)
+        isq[list(task.query_positions)] = True
+        w = jnp.where(jnp.asarray(isq)[None, :, None], row[:, None, :], 0.0)
+    else:
+        from lab.measures.attention import induction_targets
+
+        w = induction_targets(batch["tokens"])  # the token after an earlier occurrence of the current one
     w, ok = _normalise(w)
     return w[:, None], ok[:, None, :, None]
 
@@ -221,7 +217,7 @@ def ideal_pattern(kind: str, batch: dict, task, t: int, strength: float = 1.0) -
 class ClampSet:
     """All clamps of a run, resolved against a model and a task."""
 
-    def __init__(self, specs: dict, model, task, eval_default: bool = True):
+    def __init__(self, specs: dict, model, task):
         self.model, self.task = model, task
         self.specs = dict(specs or {})
         shapes = _site_shapes(model, task)
@@ -342,12 +338,14 @@ class ClampSet:
         carries = jnp.ones(tokens.shape, jnp.float32)
         if "is_feature" in batch:
             carries = 1.0 - batch["is_feature"].astype(jnp.float32)  # only label tokens are copied
-        onehot = jax.nn.one_hot(tokens, n_out) * carries[..., None]  # [b, k, n_out]
         qsel = cl.mask.any(axis=(0, 2))  # [q]
 
         def fn(logits):
-            pat = shared[cl.name][:, h]  # [b, q, k]: the match keeps learning through the ideal copy
-            mass = jnp.einsum("bqk,bkv->bqv", pat, onehot)
+            pat = shared[cl.name][:, h] * carries[:, None, :]  # [b, q, k]: the match learns through the copy
+            b, q, k = pat.shape
+            # mass[b, q, v] = sum of the attention on keys holding token v (scatter-add, not a one-hot product)
+            bi, qi = jnp.arange(b)[:, None, None], jnp.arange(q)[None, :, None]
+            mass = jnp.zeros((b, q, n_out), pat.dtype).at[bi, qi, tokens[:, None, :]].add(pat, mode="drop")
             v = jnp.log(mass + 1e-6)
             s = cl.c.strength * cl.on(step)
             return jnp.where(qsel[None, :, None], (1.0 - s) * logits + s * v, logits)

@@ -34,6 +34,8 @@ def find_runs(paths) -> list[Path]:
 
 
 def load(run: Path) -> dict:
+    if not (run / "metrics.jsonl").is_file():
+        raise LabError(f"run_dir={run}: has no metrics.jsonl")
     summary = json.loads((run / "summary.json").read_text())
     return {"dir": run, "summary": summary, "rows": read_metrics(run / "metrics.jsonl")}
 
@@ -166,11 +168,14 @@ def compare(paths, metrics: list[str] | None = None, baseline: str | None = None
     batch_sizes = {d["summary"].get("batch_size") for g in groups.values() for d in g}
     x = "sequences" if len(batch_sizes) > 1 else "step"
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    parts, tables = [], []
+    if out.exists() and not out.is_dir():
+        raise LabError(f"--out={out}: exists and is not a folder")
     for m in metrics:
         if not any(len(series(d, m, x)[0]) for g in groups.values() for d in g):
             raise LabError(f"--metric={m}: not logged by these runs")
+    out.mkdir(parents=True, exist_ok=True)
+    parts, tables = [], []
+    for m in metrics:
         png = out / (m.replace("/", "_").replace("@", "_at_") + ".png")
         plot_metric(groups, m, x, png)
         rows = phase_table(groups, m, x, threshold, base_label)

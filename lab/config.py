@@ -158,6 +158,10 @@ def to_config(node: DictConfig) -> Config:
         raise LabError("config: not a lab config (missing the lab_schema default)")
     cfg.clamps = {str(name): _clamp_config(str(name), spec) for name, spec in (cfg.clamps or {}).items()}
     cfg.measures.clamps = {str(n): _clamp_config(str(n), s) for n, s in (cfg.measures.clamps or {}).items()}
+    for n, c in cfg.measures.clamps.items():
+        if c.value == "frozen":
+            raise LabError(f"measures.clamps.{n}.value=frozen: a probe clamp has no window of its own to freeze at; "
+                           "use value=reference with a checkpoint of this run")
     cfg.validate()
     return cfg
 

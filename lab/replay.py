@@ -83,7 +83,7 @@ def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
     from lab.run import execute
 
     run_dir = check_run_dir(run_dir)
-    cfg, node = load_run_config(run_dir)
+    cfg, node = from_yaml(run_dir / "config.yaml")  # the run's own resolved config, whatever configs/ says now
     steps = complete_steps(run_dir)
     if not steps:
         raise LabError(f"run_dir={run_dir}: no complete checkpoint to resume from")
@@ -120,9 +120,12 @@ def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str |
     if run_dir:
         cfg.run.dir = run_dir
     else:
-        cfg.run.dir = str(default_run_dir(cfg).parent / f"{parent.name}-fork{step}")
-        if Path(cfg.run.dir).exists():
-            cfg.run.dir = str(default_run_dir(cfg).with_name(f"{parent.name}-fork{step}-x"))
+        base = default_run_dir(cfg).parent / f"{parent.name}-fork{step}"
+        path, i = base, 1
+        while path.exists():
+            i += 1
+            path = base.with_name(f"{base.name}-{i}")
+        cfg.run.dir = str(path)
     node.run.dir = cfg.run.dir  # the fork's config.yaml names its own directory
     if step >= cfg.trainer.steps:
         raise LabError(f"--step={step}: must be below trainer.steps={cfg.trainer.steps} of the fork")
@@ -150,8 +153,12 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
     if measures:
         extra.append(f"measures.names=[{','.join(measures)}]")
     cfg, node = load_run_config(run_dir, extra)
+    if "/" in out_name or out_name in ("metrics.jsonl", "summary.json", "config.yaml", "overrides.json"):
+        raise LabError(f"--name={out_name}: a plain file name other than the run's own files")
     have = complete_steps(run_dir)
-    want = have if not steps else steps
+    if steps is not None and not steps:
+        raise LabError(f"--steps: selects no checkpoint of {run_dir}; have {have}")
+    want = have if steps is None else steps
     missing = [s for s in want if s not in have]
     if missing:
         raise LabError(f"--steps={missing}: no complete checkpoint there in {run_dir}; have {have}")

@@ -193,8 +193,10 @@ class Trainer:
         """
         tc, cc = self.cfg.trainer, self.cfg.checkpoint
         total = tc.steps
-        evals = set(schedule(total, tc.eval_every, tc.eval_log_points))
         ckpts = set(schedule(total, cc.every, cc.log_points, include_zero=bool(cc.every or cc.log_points)))
+        # every checkpoint is also a logged row: a run resumed from any checkpoint then logs exactly the rows
+        # of an uninterrupted one, and no state is saved before its losses were checked for NaN
+        evals = set(schedule(total, tc.eval_every, tc.eval_log_points)) | ckpts
         cadence = AdaptiveCadence(self.cfg.cadence)
         history = history or []
         for r in history:

@@ -176,3 +176,22 @@ def test_bad_clamp_exit_2(overrides, field, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and field in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_perfect_copy_turns_attention_into_the_output(base):
+    _, params, batch = base
+    tr = setup(clamps={"c": ClampConfig(site="blocks.1.attn.hook_pattern", heads=[0], query="last",
+                                        value="perfect_copy")})
+    hooks = tr.clamps.hooks(params, batch, 0, capture=["blocks.1.attn.hook_pattern"])
+    logits = np.asarray(tr.model.apply(params, batch, hooks))
+    pat = np.asarray(hooks.cache["blocks.1.attn.hook_pattern"])[:, 0, -1, :]  # [b, k] at the last query
+    tokens = np.asarray(batch["tokens"])
+    n_out = logits.shape[-1]
+    mass = np.zeros((len(tokens), n_out))
+    for b in range(len(tokens)):
+        for k, tok in enumerate(tokens[b]):
+            if tok < n_out:  # BOS is not an output
+                mass[b, tok] += pat[b, k]
+    np.testing.assert_allclose(logits[:, -1], np.log(mass + 1e-6), rtol=1e-5, atol=1e-5)
+    clean = np.asarray(tr.model.apply(params, batch))
+    np.testing.assert_array_equal(logits[:, :-1], clean[:, :-1])  # other positions untouched

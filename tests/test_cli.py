@@ -23,7 +23,7 @@ def test_train_end_to_end_with_offline_wandb(tmp_path):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["trainer"]["steps"] == 60 and cfg["task"]["name"] == "repeat"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 20, 40, 60]
+    assert [r["step"] for r in rows] == [0, 20, 30, 40, 60]  # evaluations every 20, plus the checkpoint at 30
     assert all("test/repeated_loss" in r for r in rows)
     assert "train/grad_norm" in rows[-1] and "train/loss" in rows[-1]
     assert {"prev_token/L0H0", "prefix_matching/L1H1", "copying/L1H0", "train/update_ratio"} <= set(rows[-1])

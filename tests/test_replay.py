@@ -16,7 +16,7 @@ from lab.run import train_run
 from lab.tracking import read_metrics
 from tests.conftest import TINY
 
-RUN = TINY + ["checkpoint.every=20", "measures.names=[prev_token]"]
+RUN = TINY + ["checkpoint.every=15", "measures.names=[prev_token]"]  # checkpoints off the eval grid (every 20)
 
 
 def strip(rows):
@@ -42,28 +42,28 @@ def test_resume_is_identical_to_uninterrupted(parent, tmp_path):
     src, like = parent
     run = tmp_path / "interrupted"
     shutil.copytree(src, run)
-    # what a run killed after its step-20 checkpoint leaves: later checkpoints gone, rows logged
-    # after the checkpoint (steps 40, 60) present, no summary
-    for s in (40, 60):
+    # what a run killed after its step-15 checkpoint leaves: later checkpoints gone, rows logged
+    # after the checkpoint present, no summary
+    for s in (30, 45, 60):
         shutil.rmtree(run / "checkpoints" / str(s))
     (run / "summary.json").unlink()
-    assert Checkpointer(run / "checkpoints", read_only=True).steps() == [0, 20]
+    assert Checkpointer(run / "checkpoints", read_only=True).steps() == [0, 15]
     resume_run(run, quiet=True)
     a, b = strip(read_metrics(src / "metrics.jsonl")), strip(read_metrics(run / "metrics.jsonl"))
-    assert [r["step"] for r in b] == [0, 20, 40, 60]  # each step exactly once
+    assert [r["step"] for r in b] == [0, 15, 20, 30, 40, 45, 60]  # each step exactly once
     assert a == b
     for x, y in zip(jax.tree_util.tree_leaves(params_at(src, 60, like)),
                     jax.tree_util.tree_leaves(params_at(run, 60, like)), strict=True):
         np.testing.assert_array_equal(x, y)
-    assert json.loads((run / "summary.json").read_text())["checkpoints"] == [0, 20, 40, 60]
+    assert json.loads((run / "summary.json").read_text())["checkpoints"] == [0, 15, 30, 45, 60]
 
 
 def test_fork_without_changes_continues_like_parent(parent, tmp_path):
     src, like = parent
-    fork = fork_run(src, 20, [], run_dir=str(tmp_path / "fork"), quiet=True)
+    fork = fork_run(src, 15, [], run_dir=str(tmp_path / "fork"), quiet=True)
     rows_p = {r["step"]: r for r in strip(read_metrics(src / "metrics.jsonl"))}
     rows_f = strip(read_metrics(fork / "metrics.jsonl"))
-    assert [r["step"] for r in rows_f] == [20, 40, 60]
+    assert [r["step"] for r in rows_f] == [15, 20, 30, 40, 45, 60]
     for r in rows_f:
         want = {k: v for k, v in rows_p[r["step"]].items() if not k.startswith("train/")}
         assert {k: v for k, v in r.items() if not k.startswith("train/")} == want
@@ -71,7 +71,7 @@ def test_fork_without_changes_continues_like_parent(parent, tmp_path):
                     jax.tree_util.tree_leaves(params_at(fork, 60, like)), strict=True):
         np.testing.assert_array_equal(x, y)
     summary = json.loads((fork / "summary.json").read_text())
-    assert summary["parent"] == {"run_dir": str(src), "step": 20, "overrides": []}
+    assert summary["parent"] == {"run_dir": str(src), "step": 15, "overrides": []}
     import yaml
 
     assert yaml.safe_load((fork / "config.yaml").read_text())["run"]["dir"] == str(fork)
@@ -79,25 +79,25 @@ def test_fork_without_changes_continues_like_parent(parent, tmp_path):
 
 def test_fork_with_clamp_changes_the_continuation(parent, tmp_path):
     src, _ = parent
-    fork = fork_run(src, 20, ["clamp=prev_token"], run_dir=str(tmp_path / "fork_clamp"), quiet=True)
+    fork = fork_run(src, 15, ["clamp=prev_token"], run_dir=str(tmp_path / "fork_clamp"), quiet=True)
     s = json.loads((fork / "summary.json").read_text())
     assert s["condition"] == "prev_token"
     rows = {r["step"]: r for r in read_metrics(fork / "metrics.jsonl")}
     parent_rows = {r["step"]: r for r in read_metrics(src / "metrics.jsonl")}
     # the clamp acts from the fork's first row on (evaluation is clamped too) ...
-    assert rows[20]["test/loss"] != parent_rows[20]["test/loss"]
+    assert rows[15]["test/loss"] != parent_rows[15]["test/loss"]
     # ... while the measures describe the learned weights, unclamped: identical at the fork point
-    assert rows[20]["prev_token/L0H0"] == parent_rows[20]["prev_token/L0H0"]
+    assert rows[15]["prev_token/L0H0"] == parent_rows[15]["prev_token/L0H0"]
     assert rows[60]["prev_token/L0H0"] != parent_rows[60]["prev_token/L0H0"]
 
 
 def test_replay_matches_logged_values_and_adds_probe_clamps(parent):
     src, _ = parent
-    out = replay_run(src, steps=[20, 60], quiet=True, wandb_mode="disabled",
+    out = replay_run(src, steps=[15, 60], quiet=True, wandb_mode="disabled",
                      overrides=["+measures.clamps.pm={site:blocks.1.attn.hook_pattern,value:induction}"])
     logged = {r["step"]: r for r in read_metrics(src / "metrics.jsonl")}
     replayed = read_metrics(out)
-    assert [r["step"] for r in replayed] == [20, 60]
+    assert [r["step"] for r in replayed] == [15, 60]
     for r in replayed:
         for k in ("test/loss", "test/repeated_acc", "prev_token/L0H0", "prev_token/L1H1"):
             assert r[k] == pytest.approx(logged[r["step"]][k], rel=1e-6, abs=1e-7), k
@@ -137,7 +137,7 @@ def test_compare_aligns_cadences_and_writes_selfcontained_report(tmp_path):
 def test_show_prints_one_screen(parent):
     src, _ = parent
     text = show(src)
-    assert "experiment demo" in text and "checkpoints: [0, 20, 40, 60]" in text and len(text.splitlines()) < 25
+    assert "experiment demo" in text and "checkpoints: [0, 15, 30, 45, 60]" in text and len(text.splitlines()) < 25
 
 
 def test_bad_input(parent, tmp_path, capsys):
@@ -147,7 +147,11 @@ def test_bad_input(parent, tmp_path, capsys):
         (["resume", str(tmp_path)], "not a run directory"),
         (["fork", str(src), "--step", "7"], "--step=7"),
         (["replay", str(src), "--steps", "5"], "--steps=[5]"),
+        (["replay", str(src), "--steps", "5000:"], "selects no checkpoint"),
+        (["replay", str(src), "--name", "metrics.jsonl"], "--name=metrics.jsonl"),
+        (["train", "+measures.clamps.f={site:blocks.0.hook_attn_out,value:frozen}"], "measures.clamps.f.value"),
         (["compare", str(src), str(other), "--out", str(tmp_path / "c")], "incompatible"),
+        (["compare", str(src), "--metric", "nope/loss", "--out", str(tmp_path / "c")], "--metric=nope/loss"),
         (["show", str(tmp_path / "nope")], "not a run directory"),
     ]
     for argv, text in cases:
