@@ -39,14 +39,15 @@ def steady(tr: Trainer, seconds: float = 3.0, state=None):
     return n / (time.perf_counter() - t0), st
 
 
-def interleaved(trainers: dict, seconds: float, rounds: int = 3) -> dict[str, float]:
+def interleaved(trainers: dict, seconds: float, rounds: int = 5) -> dict[str, float]:
     """Median steps/s of each trainer over rounds that visit them in turn, so drifts in the machine's
     speed hit every condition alike."""
     states = {k: None for k in trainers}
     runs = {k: [] for k in trainers}
-    for _ in range(rounds):
-        for k, tr in trainers.items():
-            sps, states[k] = steady(tr, seconds / rounds, states[k])
+    names = list(trainers)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:  # rotate: no condition always goes first
+            sps, states[k] = steady(trainers[k], seconds / rounds, states[k])
             runs[k].append(sps)
     return {k: float(np.median(v)) for k, v in runs.items()}
 
