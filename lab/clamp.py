@@ -155,7 +155,6 @@ class _Clamp:
         if "key" in axes:
             mask &= _expand(_positions(c.key, shape[axes["key"]], task, _field(name, "key")), axes["key"], len(shape))
         self.mask = jnp.asarray(mask)
-        self.n_heads = cfg.n_heads
         w = np.array([[a, b if b >= 0 else np.iinfo(np.int32).max] for a, b in c.windows], np.int32).reshape(-1, 2)
         self.windows = jnp.asarray(w)
         self.always = len(c.windows) == 0
