@@ -208,8 +208,14 @@ class Transformer:
         names.append("logits")
         return names
 
-    def apply(self, params: dict, batch: dict, hooks: Hooks = NO_HOOKS) -> jax.Array:
-        """Logits [batch, pos, n_outputs]. Sites go through ``hooks`` (read or overwrite)."""
+    def apply(self, params: dict, batch: dict, hooks: Hooks = NO_HOOKS, readout: tuple[int, ...] | None = None
+              ) -> jax.Array:
+        """Logits [batch, pos, n_outputs]. Sites go through ``hooks`` (read or overwrite).
+
+        ``readout``: compute the final LayerNorm, MLP head and unembedding only at these positions
+        (logits [batch, len(readout), n_outputs]); a classification loss needs only its query, and
+        Reddy's MLP head is most of the step when run at every position.
+        """
         cfg = self.cfg
         p = merge_consts(params, self._consts)
         tokens = batch["tokens"]
@@ -231,11 +237,7 @@ class Transformer:
             if cfg.layernorm:
                 ln = p["blocks"][str(layer)]["ln1"]
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
-            q = jnp.einsum("bpd,hde->bphe", xin, a["W_Q"])
-            k = jnp.einsum("bpd,hde->bphe", xin, a["W_K"])
-            v = jnp.einsum("bpd,hde->bphe", xin, a["W_V"])
-            if cfg.bias:
-                q, k, v = q + a["b_Q"], k + a["b_K"], v + a["b_V"]
+            q, k, v = _qkv(xin, a, cfg.bias)
             q, k, v = (hooks(f"{b}.attn.hook_{s}", y) for s, y in (("q", q), ("k", k), ("v", v)))
             if cfg.positions == "rope":
                 q = hooks(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base))
@@ -252,14 +254,17 @@ class Transformer:
             elif hooks.overwrites(f"{b}.attn.hook_result"):
                 result = hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
                 out = result.sum(axis=2)
-            else:  # fused over heads; per-head results are computed only to be read
-                out = jnp.einsum("bqhe,hed->bqd", z, a["W_O"])
+            else:  # one matmul over all heads; per-head results are computed only to be read
+                h, e = z.shape[2], z.shape[3]
+                out = z.reshape(*z.shape[:2], h * e) @ a["W_O"].reshape(h * e, -1)
                 if hooks.wants(f"{b}.attn.hook_result"):
                     hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
             if cfg.use_wo and cfg.bias:
                 out = out + a["b_O"]
             out = hooks(f"{b}.hook_attn_out", out)
             x = hooks(f"{b}.hook_resid_post", x + out)
+        if readout is not None:
+            x = x[:, jnp.asarray(readout)]
         if cfg.layernorm:
             x = hooks("ln_final.hook_normalized", layer_norm(x, p["ln_final"]["w"], p["ln_final"]["b"]))
         if cfg.mlp_head:
@@ -273,6 +278,18 @@ class Transformer:
         hooks = Hooks(capture=self.site_names() if names is None else names)
         logits = self.apply(params, batch, hooks)
         return logits, hooks.cache
+
+
+def _qkv(x, a, bias: bool):
+    """Q, K and V of every head [batch, pos, head, d_head] from one matmul (XLA on the CPU is slow on
+    many small per-head matmuls; one wide one keeps it near its matmul peak)."""
+    w = jnp.concatenate([a["W_Q"], a["W_K"], a["W_V"]], axis=0)  # [3h, d, e]
+    h3, d, e = w.shape
+    y = (x @ w.transpose(1, 0, 2).reshape(d, h3 * e)).reshape(*x.shape[:-1], h3, e)
+    if bias:
+        y = y + jnp.concatenate([a["b_Q"], a["b_K"], a["b_V"]], axis=0)
+    h = h3 // 3
+    return y[..., :h, :], y[..., h:2 * h, :], y[..., 2 * h:, :]
 
 
 def build_model(cfg: ModelConfig, task, seed: int) -> Transformer:

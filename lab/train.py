@@ -113,6 +113,12 @@ class Trainer:
         return self.task.sample(jax.random.fold_in(key, step), self.batch_size)
 
     def loss(self, params, batch, hooks: Hooks = NO_HOOKS) -> jax.Array:
+        pos = self.task.query_positions if self.task.classification else ()
+        if pos and not (hooks.wants("ln_final.hook_normalized") or hooks.wants("logits")):
+            # a classification loss counts only at the query: read out there alone
+            sel = jnp.asarray(pos)
+            picked = {"targets": batch["targets"][:, sel], "loss_mask": batch["loss_mask"][:, sel]}
+            return masked_nll(self.model.apply(params, batch, hooks, readout=pos), picked)
         return masked_nll(self.model.apply(params, batch, hooks), batch)
 
     def clamped_loss(self, params, batch, step, frozen=None) -> jax.Array:

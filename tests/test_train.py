@@ -95,3 +95,25 @@ def test_paper_experiments_compose_and_build(exp):
     batch = tr.task.sample(jax.random.PRNGKey(0), 2)
     logits = tr.model.apply(tr.model.params(), batch)
     assert logits.shape == (2, tr.task.seq_len, tr.task.n_outputs)
+
+
+def test_classification_loss_read_out_at_the_query_equals_the_full_forward():
+    """The training loss of a classification task computes the MLP head only at the query; it must
+    equal the loss of the full forward pass, gradients included."""
+    from lab.train import masked_nll
+
+    cfg, _ = load_config(["experiment=reddy_bursty", "tracking.wandb.mode=disabled", "task.K=64", "task.N=4",
+                          "model.mlp_head=16"])
+    tr = Trainer(cfg)
+    params = tr.model.params()
+    batch = tr.batch_at(jax.random.PRNGKey(3), 0)
+
+    def full(p):
+        return masked_nll(tr.model.apply(p, batch), batch)
+
+    lq, gq = jax.value_and_grad(tr.loss)(params, batch)
+    lf, gf = jax.value_and_grad(full)(params)
+    np.testing.assert_allclose(lq, lf, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(gq), jax.tree_util.tree_leaves(gf), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert tr.model.apply(params, batch, readout=tr.task.query_positions).shape[1] == 1
