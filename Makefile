@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench bench-tl-env venv clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# optional: the TransformerLens (torch) baseline that `make bench` compares against, in .venv-tl
+bench-tl-env:
+	test -d .venv-tl || $(PY) -m venv .venv-tl
+	.venv-tl/bin/python -m pip install -q -r bench/requirements-tl.txt
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-tl .pytest_cache

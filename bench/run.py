@@ -1,15 +1,26 @@
 """`make bench`: throughput figures measured side by side in one process, written to
 bench/results.json. Ratios, not timed tests: the machine and its load change absolute numbers.
 
-Sections (more come with the throughput issue):
+Sections:
+- peak: float32 matmul GFLOP/s of a 2048^2 product, the yardstick of model FLOPs utilisation (MFU);
+- models: for olsson_repeat, reddy_bursty and singh_fewshot, steps/s, tokens/s and MFU of one run, and the
+  ratio to a minimal hand-written JAX step of the same model and batch (bench/minimal.py), interleaved;
+- transformerlens: the olsson_repeat model as a TransformerLens HookedTransformer trained with torch
+  (only when the optional environment exists: `make bench-tl-env`);
+- vmapped: runs·steps/s and XLA's memory for 1..64 vmapped singh_fewshot runs (and a few olsson_repeat);
+- memory: peak resident memory of one default olsson_repeat run (`lab train`, a child process);
 - clamps: steady-state steps/s of the demo model with each clamp kind vs no clamp;
-- logging: a whole `fit` at the default cadence (evaluators + measures) vs the same steps unlogged.
+- logging: a whole `fit` at the default cadence (evaluators + measures) vs the same steps unlogged;
+- demo: wall time from `lab train experiment=demo` to the end of its detected transition, compile included.
+`python bench/run.py SECONDS [SECTION ...]` runs some sections only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lab.batch import BatchTrainer
 from lab.checkpoint import Checkpointer
 from lab.clamp import ClampConfig
 from lab.config import load_config
@@ -110,15 +122,195 @@ def bench_logging() -> dict:
     return res
 
 
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("olsson_repeat", "reddy_bursty", "singh_fewshot")
+QUIET = ["tracking.wandb.mode=disabled", "trainer.progress=false"]
+
+
+def bench_peak(reps: int = 7) -> float:
+    """float32 GFLOP/s of a 2048^2 matmul (median of reps)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), np.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    gf = 2 * 2048 ** 3 / float(np.median(ts)) / 1e9
+    print(f"  matmul 2048^2: {gf:.0f} GFLOP/s", file=sys.stderr)
+    return gf
+
+
+def step_flops(tr, state) -> float:
+    """XLA's FLOP count of one training step of tr (the single-step program)."""
+    ca = tr.step_fn.lower(state).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, list) else ca
+    return float(ca.get("flops", 0.0))
+
+
+class MinimalLoop:
+    """The minimal loop behind steady()'s interface: one jitted step per Python call, chunk calls per round."""
+
+    def __init__(self, init, step, chunk: int):
+        (self.params, self.opt_state, self.key), self.step, self.chunk, self.i = init, step, chunk, 0
+
+    def init_state(self):
+        return None
+
+    def scan_fn(self, _):
+        loss = None
+        for _ in range(self.chunk):
+            self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.key, self.i)
+            self.i += 1
+        return loss, None
+
+
+def bench_models(seconds: float, peak: float) -> dict:
+    from minimal import make_step
+
+    out = {}
+    for exp in MODELS:
+        cfg, _ = load_config([f"experiment={exp}", *QUIET])
+        tr = Trainer(cfg)
+        flops = step_flops(tr, tr.init_state())
+        minimal = MinimalLoop(*make_step(tr), tr.chunk)
+        sps = interleaved({"lab": tr, "minimal": minimal}, 2 * seconds)
+        tokens = cfg.trainer.batch_size * tr.task.seq_len
+        r = {"steps_per_sec": sps["lab"], "tokens_per_sec": sps["lab"] * tokens, "flops_per_step": flops,
+             "mfu": flops * sps["lab"] / (peak * 1e9), "minimal_steps_per_sec": sps["minimal"],
+             "lab_over_minimal": sps["lab"] / sps["minimal"], "batch": [cfg.trainer.batch_size, tr.task.seq_len]}
+        out[exp] = r
+        print(f"  {exp:14s} lab {r['steps_per_sec']:7.1f} steps/s ({r['tokens_per_sec']:9.0f} tok/s, "
+              f"MFU {100 * r['mfu']:4.1f} %)  minimal JAX {r['minimal_steps_per_sec']:7.1f}  "
+              f"lab/minimal x{r['lab_over_minimal']:.2f}", file=sys.stderr)
+    return out
+
+
+def bench_transformerlens(seconds: float, lab_sps: float | None) -> dict:
+    py = ROOT / ".venv-tl" / "bin" / "python"
+    if not py.exists():
+        print("  skipped: no TransformerLens environment (make bench-tl-env)", file=sys.stderr)
+        return {"skipped": "no .venv-tl (make bench-tl-env)"}
+    p = subprocess.run([str(py), str(ROOT / "bench" / "tl_loop.py"), str(2 * seconds)], capture_output=True, text=True)
+    if p.returncode != 0:
+        msg = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        print(f"  failed: {msg}", file=sys.stderr)
+        return {"failed": msg}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    if lab_sps:
+        r["lab_over_transformerlens"] = lab_sps / r["steps_per_sec"]
+    print(f"  olsson_repeat  TransformerLens {r['steps_per_sec']:.1f} steps/s (torch {r['torch']}); "
+          f"lab/TL x{r.get('lab_over_transformerlens', float('nan')):.2f}", file=sys.stderr)
+    return r
+
+
+def bench_vmapped(seconds: float, peak: float, exp: str, counts, chunk: int) -> dict:
+    out = {}
+    one = None
+    for n in counts:
+        cfgs = [load_config([f"experiment={exp}", *QUIET, f"seed={s}", f"trainer.steps_per_call={chunk}"])[0]
+                for s in range(n)]
+        bt = BatchTrainer(cfgs)
+        state = bt.init_state()
+        mem = bt.check_memory(state)
+        sps, _ = steady(bt, seconds, state)
+        if one is None:
+            one = sps
+            flops = step_flops(Trainer(cfgs[0]), Trainer(cfgs[0]).init_state())
+        r = {"runs": n, "runs_steps_per_sec": n * sps, "speedup_vs_one": n * sps / one,
+             "xla_memory_gib": mem["bytes"] / 2 ** 30, "mfu": n * sps * flops / (peak * 1e9)}
+        out[str(n)] = r
+        print(f"  {exp} x{n:3d}: {r['runs_steps_per_sec']:8.1f} runs*steps/s  x{r['speedup_vs_one']:5.2f} of one  "
+              f"MFU {100 * r['mfu']:4.1f} %  memory {r['xla_memory_gib']:.3f} GiB", file=sys.stderr)
+    return out
+
+
+def _child(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident GiB) of a child process."""
+    wrap = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)")
+    p = subprocess.run([sys.executable, "-c", wrap, *cmd], capture_output=True, text=True, check=True)
+    wall, rss, rc = p.stdout.split()
+    if rc != "0":
+        raise RuntimeError(f"{cmd}: exit {rc}")
+    return float(wall), float(rss) / 2 ** 20
+
+
+def bench_memory() -> dict:
+    d = Path(tempfile.mkdtemp()) / "run"
+    lab = str(Path(sys.executable).parent / "lab")
+    _, rss = _child([lab, "train", "experiment=olsson_repeat", "trainer.steps=300", *QUIET, f"run.dir={d}", "--quiet"])
+    print(f"  one olsson_repeat run (300 steps): peak resident {rss:.2f} GiB", file=sys.stderr)
+    return {"olsson_repeat_peak_rss_gib": rss}
+
+
+def bench_demo() -> dict:
+    d = Path(tempfile.mkdtemp()) / "demo"
+    lab = str(Path(sys.executable).parent / "lab")
+    env_cache = os.environ.pop("LAB_COMPILATION_CACHE", None)
+    os.environ["LAB_COMPILATION_CACHE"] = str(Path(tempfile.mkdtemp()) / "cold")  # compile from scratch
+    try:
+        wall, _ = _child([lab, "train", "experiment=demo", *QUIET, f"run.dir={d}", "--quiet"])
+    finally:
+        os.environ.pop("LAB_COMPILATION_CACHE")
+        if env_cache is not None:
+            os.environ["LAB_COMPILATION_CACHE"] = env_cache
+    summary = json.loads((d / "summary.json").read_text())
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    ts = summary["phase"]["transitions"]
+    res = {"wall_s": wall}
+    if ts:
+        end = max(ts, key=lambda t: abs(t["after"] - t["before"]))["end"]
+        fit = rows[-1]["perf/elapsed"]
+        at = next(r["perf/elapsed"] for r in rows if r["step"] >= end and "perf/elapsed" in r)
+        res.update(transition_end_step=end, seconds_to_transition=wall - fit + at)
+        print(f"  demo: transition ends at step {end:.0f}, {res['seconds_to_transition']:.1f} s after `lab train` "
+              f"started (compilation included); whole run {wall:.1f} s", file=sys.stderr)
+    else:
+        print(f"  demo: no transition detected; whole run {wall:.1f} s", file=sys.stderr)
+    return res
+
+
+SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo")
+
+
 def main():
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
-    results = {"machine": {"platform": platform.platform(), "device": str(jax.devices()[0].device_kind),
-                           "cpus": __import__("os").cpu_count()}}
-    print("clamps (demo model, steady-state fused steps):", file=sys.stderr)
-    results["clamps"] = bench_clamps(seconds)
-    print("logging (demo, whole fit after compilation):", file=sys.stderr)
-    results["logging"] = bench_logging()
+    wanted = sys.argv[2:] or SECTIONS
     out = Path(__file__).parent / "results.json"
+    results = json.loads(out.read_text()) if out.exists() and len(wanted) < len(SECTIONS) else {}
+    results["machine"] = {"platform": platform.platform(), "device": str(jax.devices()[0].device_kind),
+                          "cpus": os.cpu_count()}
+    peak = results.get("peak_gflops")
+    if "peak" in wanted or peak is None:
+        print("peak:", file=sys.stderr)
+        peak = results["peak_gflops"] = bench_peak()
+    if "models" in wanted:
+        print("models (one run, steady state; minimal JAX step interleaved):", file=sys.stderr)
+        results["models"] = bench_models(seconds, peak)
+    if "transformerlens" in wanted:
+        print("transformerlens (olsson_repeat model, torch CPU):", file=sys.stderr)
+        lab_sps = results.get("models", {}).get("olsson_repeat", {}).get("steps_per_sec")
+        results["transformerlens"] = bench_transformerlens(seconds, lab_sps)
+    if "vmapped" in wanted:
+        print("vmapped runs (one program):", file=sys.stderr)
+        results["vmapped"] = {
+            "singh_fewshot": bench_vmapped(seconds, peak, "singh_fewshot", (1, 2, 4, 8, 16, 32, 64), 50),
+            "olsson_repeat": bench_vmapped(seconds, peak, "olsson_repeat", (1, 4, 16), 5)}
+    if "memory" in wanted:
+        print("memory:", file=sys.stderr)
+        results["memory"] = bench_memory()
+    if "clamps" in wanted:
+        print("clamps (demo model, steady-state fused steps):", file=sys.stderr)
+        results["clamps"] = bench_clamps(seconds)
+    if "logging" in wanted:
+        print("logging (demo, whole fit after compilation):", file=sys.stderr)
+        results["logging"] = bench_logging()
+    if "demo" in wanted:
+        print("demo (cold compilation cache):", file=sys.stderr)
+        results["demo"] = bench_demo()
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}", file=sys.stderr)
 

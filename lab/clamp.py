@@ -256,7 +256,9 @@ class ClampSet:
 
     # ---- the interventions of one forward pass --------------------------------------------
     def hooks(self, params, batch, step, frozen: dict | None = None, training: bool = True,
-              capture=()) -> Hooks:
+              capture=(), gates: dict | None = None) -> Hooks:
+        """``gates``: clamp name -> 0/1 (data) that switches a clamp off or on; runs of different conditions
+        trained as one program share the union of their clamps and differ only in their gates."""
         active = [cl for cl in self.clamps if training or cl.c.eval]
         if not active:
             return Hooks(capture=capture)
@@ -283,18 +285,19 @@ class ClampSet:
         interventions: dict[str, list] = {}
         shared: dict[str, jax.Array] = {}
         for cl in active:
-            interventions.setdefault(cl.site, []).append(self._make(cl, batch, step, extra.get(cl.name), t, shared))
+            on = cl.on(step) if gates is None else cl.on(step) * gates[cl.name]
+            interventions.setdefault(cl.site, []).append(self._make(cl, batch, on, extra.get(cl.name), t, shared))
             if cl.c.value == "ablate" and cl.c.preserve != "none":
                 for site, v in extra[cl.name].items():
-                    interventions.setdefault(site, []).append(_overwrite(v, cl, step))
+                    interventions.setdefault(site, []).append(_overwrite(v, on))
             if cl.c.value == "perfect_copy":
-                interventions.setdefault("logits", []).append(self._copy_logits(cl, batch, step, shared))
+                interventions.setdefault("logits", []).append(self._copy_logits(cl, batch, on, shared))
         if any(cl.c.value == "previous_embed" for cl in active):
             interventions.setdefault("hook_embed", []).insert(0, _store(shared, "hook_embed"))
         fns = {site: _chain(fs) for site, fs in interventions.items()}
         return Hooks(capture=capture, interventions=fns)
 
-    def _make(self, cl: _Clamp, batch, step, extra, t, shared):
+    def _make(self, cl: _Clamp, batch, on, extra, t, shared):
         c = cl.c
 
         def source(x):
@@ -324,12 +327,12 @@ class ClampSet:
             mask = cl.mask[None]
             if ok is not None:
                 mask = mask & ok
-            s = c.strength * cl.on(step)
+            s = c.strength * on
             return jnp.where(mask, (1.0 - s) * x + s * v, x)
 
         return fn
 
-    def _copy_logits(self, cl: _Clamp, batch, step, shared):
+    def _copy_logits(self, cl: _Clamp, batch, on, shared):
         """Logits at the clamp's query positions <- log of the head's attention mass per context token."""
         h = cl.c.heads[0]
         n_out = self.model.n_outputs
@@ -346,7 +349,7 @@ class ClampSet:
             bi, qi = jnp.arange(b)[:, None, None], jnp.arange(q)[None, :, None]
             mass = jnp.zeros((b, q, n_out), pat.dtype).at[bi, qi, tokens[:, None, :]].add(pat, mode="drop")
             v = jnp.log(mass + 1e-6)
-            s = cl.c.strength * cl.on(step)
+            s = cl.c.strength * on
             return jnp.where(qsel[None, :, None], (1.0 - s) * logits + s * v, logits)
 
         return fn
@@ -360,10 +363,9 @@ def _store(shared: dict, key: str):
     return fn
 
 
-def _overwrite(v, cl: _Clamp, step):
+def _overwrite(v, on):
     def fn(x):
-        s = cl.on(step)
-        return jnp.where(s > 0, jax.lax.stop_gradient(v), x)
+        return jnp.where(on > 0, jax.lax.stop_gradient(v), x)
 
     return fn
 

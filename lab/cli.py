@@ -1,6 +1,7 @@
 """The ``lab`` command.
 
-    lab train [OVERRIDES...]        train one run, e.g. `lab train experiment=reddy_bursty seed=3`
+    lab train [OVERRIDES...]        train one run, e.g. `lab train experiment=reddy_bursty seed=3`;
+                                    `trainer.num_seeds=8 conditions=[none,prev_token]`: 16 runs as one program
     lab resume RUN_DIR              continue an interrupted run from its last complete checkpoint
     lab fork RUN_DIR --step N [OVERRIDES...]   a new run from that checkpoint with changed settings
     lab replay RUN_DIR [--steps ...] [--measures ...] [OVERRIDES...]   measures over saved checkpoints
@@ -58,11 +59,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from lab.batch import is_batch, train_batch
     from lab.config import load_config
     from lab.run import train_run
 
     cfg, node = load_config(args.overrides)
-    run_dir = train_run(cfg, node, quiet=args.quiet, overrides=args.overrides)
+    if is_batch(cfg):  # several seeds or conditions: one vmapped program, one run directory each
+        run_dir = train_batch(cfg, node, args.overrides, quiet=args.quiet)
+    else:
+        run_dir = train_run(cfg, node, quiet=args.quiet, overrides=args.overrides)
     if args.quiet:
         print(run_dir)
     return 0

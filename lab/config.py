@@ -51,6 +51,8 @@ class Config:
     # by name; `clamp=PRESET` fills it, `+clamps.NAME={site: ..., value: ...}` adds one. Checked
     # against ClampConfig in to_config (a typed dict would refuse a whole clamp given on the command line).
     clamps: dict[str, Any] = field(default_factory=dict)
+    # clamp presets (configs/clamp/NAME) trained side by side with every seed, as one vmapped program
+    conditions: list[str] = field(default_factory=list)
     watch: str | None = None  # metric whose transitions are detected (default: the task's)
     watch_threshold: float | None = None  # also report the first step the watched metric is below this
 

@@ -86,23 +86,37 @@ def _write_config(run_dir: Path, node: DictConfig, overrides: list[str] | None, 
 def execute(trainer: Trainer, node: DictConfig, run_dir: Path, state: dict, quiet: bool = False,
             resume: bool = False, cadence_rows: list[dict] | None = None) -> Path:
     """Train ``state`` on to the end inside ``run_dir``; write metrics, checkpoints, summary, plot."""
+    execute_runs(trainer, [node], [run_dir], state, quiet=quiet, resume=resume,
+                 histories=[cadence_rows or []], conditions=[trainer.clamps.condition])
+    return run_dir
+
+
+def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path], state: dict, quiet: bool = False,
+                 resume: bool = False, histories: list[list[dict]] | None = None,
+                 conditions: list[str] | None = None) -> list[Path]:
+    """``execute`` for the runs of one program (one run, or a lab.batch.BatchTrainer's stacked runs):
+    each run directory is written as if its run had trained alone."""
     from lab.plots import plot_curves
     from lab.tracking import Tracker, read_metrics
 
-    cfg = trainer.cfg
-    config_dict = OmegaConf.to_container(node, resolve=True)
+    n = len(run_dirs)
+    cfgs = getattr(trainer, "cfgs", [trainer.cfg])
+    conditions = conditions or [trainer.clamps.condition] * n
+    config_dicts = [OmegaConf.to_container(nd, resolve=True) for nd in nodes]
     if not quiet:
-        print(f"run directory: {run_dir}", file=sys.stderr)
-    tracker = Tracker(run_dir, cfg.tracking, config_dict, name=run_dir.name, group=cfg.experiment,
-                      job_type=trainer.clamps.condition, resume=resume)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+        for d in run_dirs if n <= 4 else run_dirs[:1]:
+            print(f"run directory: {d}", file=sys.stderr)
+    trackers = [Tracker(d, c.tracking, cd, name=d.name, group=c.experiment, job_type=cond, resume=resume)
+                for d, c, cd, cond in zip(run_dirs, cfgs, config_dicts, conditions, strict=True)]
+    ckpts = [Checkpointer(d / "checkpoints", c.checkpoint) for d, c in zip(run_dirs, cfgs, strict=True)]
     key_metric = trainer.task.key_metric
+    cfg = trainer.cfg
     bar = None
     if cfg.trainer.progress and not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.trainer.steps, initial=int(state["step"]), desc=f"{cfg.experiment}", unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=cfg.trainer.steps, initial=trainer.current_step(state),
+                   desc=cfg.experiment + (f" x{n}" if n > 1 else ""), unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def progress(step, row):
         if bar is not None:
@@ -113,39 +127,48 @@ def execute(trainer: Trainer, node: DictConfig, run_dir: Path, state: dict, quie
             bar.set_postfix(post, refresh=False)
             bar.refresh()
 
+    def saver(ck, cd):
+        return lambda s, st: ck.save(s, st, cd)
+
     t0 = time.perf_counter()
-    start_step = int(state["step"])
+    start_step = trainer.current_step(state)
     try:
-        state = trainer.fit(state, log=tracker.log, save=lambda s, st: ckpt.save(s, st, config_dict),
-                            progress=progress, start_time=t0, history=cadence_rows)
+        state = trainer.drive(state, [t.log for t in trackers],
+                              [saver(ck, cd) for ck, cd in zip(ckpts, config_dicts, strict=True)],
+                              progress=progress, start_time=t0, histories=histories)
         jax.block_until_ready(state)
     finally:
         if bar is not None:
             bar.close()
-        ckpt.close()
+        for ck in ckpts:
+            ck.close()
     wall = time.perf_counter() - t0
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    metric = trainer.watch
-    phase = transitions_of(rows, metric, cfg.watch_threshold)
-    final = {k: v for k, v in rows[-1].items() if not k.startswith("perf/")} if rows else {}
-    summary = {
-        "experiment": cfg.experiment, "condition": trainer.clamps.condition, "seed": cfg.seed,
-        "task": cfg.task.name, "steps": cfg.trainer.steps, "batch_size": cfg.trainer.batch_size,
-        "wall_time_s": wall, "steps_per_sec": (cfg.trainer.steps - start_step) / wall,
-        "final": final, "phase": phase, "checkpoints": ckpt.steps(), "versions": versions(),
-    }
-    parent = json.loads((run_dir / "overrides.json").read_text()).get("parent") \
-        if (run_dir / "overrides.json").exists() else None
-    if parent:
-        summary["parent"] = parent
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(rows, run_dir / "curves.png", title=f"{cfg.experiment} ({cfg.task.name}, seed {cfg.seed})",
-                watch=metric, transitions=phase["transitions"])
-    tracker.summary({"wall_time_s": wall, "steps_per_sec": summary["steps_per_sec"]})
-    tracker.close()
-    if not quiet:
-        print(format_summary(summary, run_dir))
-    return run_dir
+    for i, run_dir in enumerate(run_dirs):
+        c = cfgs[i]
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        metric = trainer.watch
+        phase = transitions_of(rows, metric, c.watch_threshold)
+        final = {k: v for k, v in rows[-1].items() if not k.startswith("perf/")} if rows else {}
+        summary = {
+            "experiment": c.experiment, "condition": conditions[i], "seed": c.seed,
+            "task": c.task.name, "steps": c.trainer.steps, "batch_size": c.trainer.batch_size,
+            "wall_time_s": wall, "steps_per_sec": (c.trainer.steps - start_step) / wall,
+            "final": final, "phase": phase, "checkpoints": ckpts[i].steps(), "versions": versions(),
+        }
+        if n > 1:
+            summary["batched_runs"] = n
+        saved = json.loads((run_dir / "overrides.json").read_text()) if (run_dir / "overrides.json").exists() else {}
+        for k in ("parent", "batch"):
+            if saved.get(k):
+                summary[k] = saved[k]
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_curves(rows, run_dir / "curves.png", title=f"{c.experiment} ({c.task.name}, seed {c.seed})",
+                    watch=metric, transitions=phase["transitions"])
+        trackers[i].summary({"wall_time_s": wall, "steps_per_sec": summary["steps_per_sec"]})
+        trackers[i].close()
+        if not quiet and (n == 1 or i == 0):
+            print(format_summary(summary, run_dir))
+    return list(run_dirs)
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:

@@ -38,6 +38,9 @@ class TrainerConfig:
     eval_log_points: int = 0  # extra log-spaced evaluations over the run
     eval_batch_size: int = 250  # sequences per forward pass when evaluating
     progress: bool = True  # show a progress bar
+    seeds: list[int] | None = None  # several seeds trained as one vmapped program (lab.batch), one run dir each
+    num_seeds: int = 1  # shorthand: seeds seed, seed+1, ..., seed+num_seeds-1
+    memory_limit_gb: float | None = None  # refuse batches of runs needing more (default: the device's free memory)
     log_unclamped: bool = False  # with clamps: also log each evaluator unclamped, as <evaluator>@unclamped/...
 
     def validate(self) -> None:
@@ -47,6 +50,15 @@ class TrainerConfig:
         check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
         check(self.eval_log_points >= 0, "trainer.eval_log_points", self.eval_log_points, "must be >= 0")
         check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        check(self.num_seeds >= 1, "trainer.num_seeds", self.num_seeds, "must be >= 1")
+        if self.seeds is not None:
+            check(len(self.seeds) >= 1 and all(int(x) >= 0 for x in self.seeds), "trainer.seeds", self.seeds,
+                  "a non-empty list of seeds >= 0")
+            check(len(set(self.seeds)) == len(self.seeds), "trainer.seeds", self.seeds, "seeds must be distinct")
+            check(self.num_seeds == 1, "trainer.num_seeds", self.num_seeds,
+                  "give trainer.seeds or trainer.num_seeds, not both")
+        if self.memory_limit_gb is not None:
+            check(self.memory_limit_gb > 0, "trainer.memory_limit_gb", self.memory_limit_gb, "must be > 0")
 
 
 class NonFiniteError(LabError):
@@ -97,13 +109,15 @@ class Trainer:
         self.eval_fn = jax.jit(self._evaluate, static_argnames="clamps")
 
     # ---- pure functions ------------------------------------------------------------------
-    def init_state(self) -> dict:
-        params = self.model.params()
+    def init_state(self, params: dict | None = None, seed: int | None = None) -> dict:
+        """The state at step 0 (this run's, or the one a run with ``seed`` and initial ``params`` starts from)."""
+        params = self.model.params() if params is None else params
+        seed = self.cfg.seed if seed is None else seed
         state = {
             "params": params,
             "opt_state": self.opt.init(params),
             "step": jnp.zeros((), jnp.int32),
-            "key": jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 1),
+            "key": jax.random.fold_in(jax.random.PRNGKey(seed), 1),
         }
         if self.clamps.frozen_names:
             state["frozen"] = self.clamps.init_frozen(params)
@@ -121,9 +135,9 @@ class Trainer:
             return masked_nll(self.model.apply(params, batch, hooks, readout=pos), picked)
         return masked_nll(self.model.apply(params, batch, hooks), batch)
 
-    def clamped_loss(self, params, batch, step, frozen=None) -> jax.Array:
+    def clamped_loss(self, params, batch, step, frozen=None, gates=None) -> jax.Array:
         """The training loss with the run's clamps acting as they do at ``step``."""
-        return self.loss(params, batch, self.clamps.hooks(params, batch, step, frozen, training=True))
+        return self.loss(params, batch, self.clamps.hooks(params, batch, step, frozen, training=True, gates=gates))
 
     def _step(self, state):
         step = state["step"]
@@ -131,7 +145,8 @@ class Trainer:
         if "frozen" in state:
             new["frozen"] = self.clamps.update_frozen(state["frozen"], state["params"], step)
         batch = self.batch_at(state["key"], step)
-        loss, grads = jax.value_and_grad(self.clamped_loss)(state["params"], batch, step, new.get("frozen"))
+        loss, grads = jax.value_and_grad(self.clamped_loss)(state["params"], batch, step, new.get("frozen"),
+                                                           state.get("gates"))
         updates, opt_state = self.opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new.update(params=params, opt_state=opt_state, step=step + 1)
@@ -141,7 +156,7 @@ class Trainer:
     def _scan(self, state):
         return jax.lax.scan(lambda s, _: self._step(s), state, None, length=self.chunk)
 
-    def _evaluate(self, params, batch, step=0, frozen=None, clamps: ClampSet | None = None):
+    def _evaluate(self, params, batch, step=0, frozen=None, clamps: ClampSet | None = None, gates=None):
         n = batch["tokens"].shape[0]
         c = max(d for d in range(1, min(n, self.cfg.trainer.eval_batch_size) + 1) if n % d == 0)
         chunks = jax.tree_util.tree_map(lambda a: a.reshape(n // c, c, *a.shape[1:]), batch)
@@ -151,7 +166,8 @@ class Trainer:
             frozen = self.clamps.update_frozen(frozen, params, step)
 
         def fwd(b):
-            hooks = clamps.hooks(params, b, step, frozen, training=False) if clamps else NO_HOOKS
+            g = gates if clamps is self.clamps else None  # probe clamps act on every run alike
+            hooks = clamps.hooks(params, b, step, frozen, training=False, gates=g) if clamps else NO_HOOKS
             return self.model.apply(params, b, hooks)
 
         logits = jax.lax.map(fwd, chunks)
@@ -159,8 +175,10 @@ class Trainer:
         return self.task.metrics(logits, batch)
 
     # ---- host-side driving ---------------------------------------------------------------
+    runs: int | None = None  # None: the state holds one run; a BatchTrainer stacks `runs` of them
+
     def advance(self, state, n: int):
-        """Run n steps; returns the new state and the per-step losses/grad norms (on device)."""
+        """Run n steps; returns the new state and the per-step losses/grad norms (on device, time axis last)."""
         outs = []
         while n >= self.chunk:
             state, out = self.scan_fn(state)
@@ -168,24 +186,48 @@ class Trainer:
             n -= self.chunk
         for _ in range(n):
             state, out = self.step_fn(state)
-            outs.append(jax.tree_util.tree_map(lambda a: a[None], out))
+            outs.append(jax.tree_util.tree_map(lambda a: a[..., None], out))
         return state, outs
 
-    def evaluate(self, state) -> dict[str, float]:
-        """Every evaluator's metrics for a state (clamps acting as at its step, unless eval: false)."""
-        row = {}
+    def _views(self):
+        """(suffix, clamps) of each evaluation: as trained, unclamped (if asked), and each probe clamp."""
         views = [("", self.clamps)]
         if self.clamps and self.cfg.trainer.log_unclamped:
             views.append(("@unclamped", None))
-        views += [(f"@{name}", cs) for name, cs in self.probe_clamps.items()]
+        return views + [(f"@{name}", cs) for name, cs in self.probe_clamps.items()]
+
+    def _eval_call(self, clamps, state, batch):
+        return self.eval_fn(state["params"], batch, state["step"], state.get("frozen"), clamps=clamps,
+                            gates=state.get("gates"))
+
+    def evaluate_runs(self, state) -> list[dict[str, float]]:
+        """Every evaluator's metrics (clamps acting as at the step, unless eval: false), one dict per run."""
+        row = {}
         for name, batch in self.task.evals.items():
-            for suffix, clamps in views:
-                out = self.eval_fn(state["params"], batch, state["step"], state.get("frozen"), clamps=clamps)
+            for suffix, clamps in self._views():
+                out = self._eval_call(clamps, state, batch)
                 for k, v in out.items():
                     if suffix and suffix != "@unclamped" and k != "loss":
                         continue  # probe clamps log their loss only
                     row[f"{name}{suffix}/{k}"] = v
-        return {k: float(v) for k, v in jax.device_get(row).items()}
+        host = {k: np.asarray(v).reshape(-1) for k, v in jax.device_get(row).items()}
+        return [{k: float(v[i]) for k, v in host.items()} for i in range(self.runs or 1)]
+
+    def evaluate(self, state) -> dict[str, float]:
+        return self.evaluate_runs(state)[0]
+
+    def measure_runs(self, state, which: list[int]) -> list[dict[str, float]]:
+        return [self.measures(state["params"])]
+
+    def current_step(self, state) -> int:
+        return int(state["step"])
+
+    def run_state(self, state, i: int) -> dict:
+        """Run i's state, as a run trained alone would hold it (what its checkpoints store)."""
+        return state
+
+    def run_label(self, i: int) -> str:
+        return ""
 
     def fit(self, state, log=None, save=None, progress=None, start_time: float | None = None,
             history: list[dict] | None = None) -> dict:
@@ -197,62 +239,102 @@ class Trainer:
         ``history``: rows already logged by this run (when resuming), replayed into the cadence so
         the continuation logs exactly where an uninterrupted run would. Returns the final state.
         """
+        return self.drive(state, [log], [save], progress, start_time, [history or []])
+
+    def drive(self, state, logs: list, saves: list, progress=None, start_time: float | None = None,
+              histories: list[list[dict]] | None = None) -> dict:
+        """``fit`` for R = len(logs) runs held in one state (one run, or R stacked by a BatchTrainer).
+
+        Each run logs and checkpoints exactly where it would alone: its own adaptive cadence plans its
+        stops, the program advances to the nearest planned stop of any run, and only the runs that planned
+        that stop log there."""
         tc, cc = self.cfg.trainer, self.cfg.checkpoint
-        total = tc.steps
+        total, n_runs = tc.steps, len(logs)
+        histories = histories or [[] for _ in range(n_runs)]
         ckpts = set(schedule(total, cc.every, cc.log_points, include_zero=bool(cc.every or cc.log_points)))
         # every checkpoint is also a logged row: a run resumed from any checkpoint then logs exactly the rows
         # of an uninterrupted one, and no state is saved before its losses were checked for NaN
         evals = set(schedule(total, tc.eval_every, tc.eval_log_points)) | ckpts
-        cadence = AdaptiveCadence(self.cfg.cadence)
-        history = history or []
-        for r in history:
-            cadence.observe(r["step"], r.get(self.watch, 0.0))
-        step = int(state["step"])
+        cadences = [AdaptiveCadence(self.cfg.cadence) for _ in range(n_runs)]
+        for cad, hist in zip(cadences, histories, strict=True):
+            for r in hist:
+                cad.observe(r["step"], r.get(self.watch, 0.0))
+        step = self.current_step(state)
         t0 = start_time if start_time is not None else time.perf_counter()
-        pending, last_t, last_step = [], time.perf_counter(), step
-        if not any(r["step"] == step for r in history) and (step in evals or step > 0):
-            row = self._log_row(step, state, [], log, progress, None)  # the start (a fork's first row)
-            cadence.observe(step, row.get(self.watch, 0.0))
-        if step == 0 and 0 in ckpts and save:
-            save(0, state)
+        last = [step] * n_runs  # the step of each run's latest row
+        pending: list[tuple[int, dict]] = []  # (end step, per-step outputs) not yet logged by every run
+        last_t, last_step = time.perf_counter(), step
+
+        def log_rows(due, perf):
+            rows = self._rows(step, state, due, pending, last, perf)
+            for i, row in zip(due, rows, strict=True):
+                cadences[i].observe(step, row.get(self.watch, 0.0))
+                if logs[i]:
+                    logs[i](row)
+                last[i] = step
+            if progress and rows:
+                progress(step, rows[0])
+
+        first = [i for i in range(n_runs) if not any(r["step"] == step for r in histories[i])]
+        if first and (step in evals or step > 0):
+            log_rows(first, None)  # the start (a fork's first row)
+        if step == 0 and 0 in ckpts:
+            for i, sv in enumerate(saves):
+                if sv:
+                    sv(0, self.run_state(state, i))
+        planned: list[int | None] = [None] * n_runs
         while step < total:
-            stop = cadence.next_stop(step, min(s for s in evals | ckpts if s > step))
-            dense = stop not in evals and stop not in ckpts
+            nxt = min(s for s in evals if s > step)
+            planned = [p if p is not None and p > step else cad.next_stop(step, nxt)
+                       for p, cad in zip(planned, cadences, strict=True)]
+            stop = min(planned)
             state, outs = self.advance(state, stop - step)
-            pending += outs
+            pending.append((stop, outs))
             step = stop
-            if stop in evals or dense:
-                now = time.perf_counter()
-                perf = {"perf/steps_per_sec": (step - last_step) / max(now - last_t, 1e-9),
-                        "perf/elapsed": now - t0}
-                row = self._log_row(step, state, pending, log, progress, perf)
-                cadence.observe(step, row.get(self.watch, 0.0))
-                pending, last_t, last_step = [], time.perf_counter(), step
-            if save and (stop in ckpts or (dense and self.cfg.cadence.checkpoint_dense)):
-                save(stop, state)
+            due = [i for i in range(n_runs) if planned[i] == stop]
+            now = time.perf_counter()
+            log_rows(due, {"perf/steps_per_sec": (step - last_step) / max(now - last_t, 1e-9),
+                           "perf/elapsed": now - t0})
+            last_t, last_step = time.perf_counter(), step
+            dense = stop not in evals
+            for i in due:
+                planned[i] = None
+                if saves[i] and (stop in ckpts or (dense and self.cfg.cadence.checkpoint_dense)):
+                    saves[i](stop, self.run_state(state, i))
+            pending = [(e, o) for e, o in pending if e > min(last)]
         return state
 
-    def _log_row(self, step, state, pending, log, progress, perf):
-        row = {"step": step}
-        if pending:
-            losses = jnp.concatenate([o["loss"] for o in pending])
-            norms = jnp.concatenate([o["grad_norm"] for o in pending])
-            ratios = jnp.concatenate([o["update_ratio"] for o in pending])
-            row["train/batch_loss"] = float(jnp.mean(losses))
-            row["train/grad_norm"] = float(jnp.mean(norms))
-            row["train/update_ratio"] = float(jnp.mean(ratios))
-            if not math.isfinite(row["train/batch_loss"]) or not math.isfinite(row["train/grad_norm"]):
-                bad = "train/batch_loss" if not math.isfinite(row["train/batch_loss"]) else "train/grad_norm"
-                raise NonFiniteError(f"non-finite {bad}={row[bad]} by step {step}; stopping "
-                                     "(the last good checkpoint is kept)")
-        row.update(self.evaluate(state))
-        if "train/loss" not in row and "train/batch_loss" in row:
-            row["train/loss"] = row["train/batch_loss"]
-        row.update(self.measures(state["params"]))
-        if perf:
-            row.update(perf)
-        if log:
-            log(row)
-        if progress:
-            progress(step, row)
-        return row
+    def _rows(self, step, state, due, pending, last, perf) -> list[dict]:
+        rows = {i: {"step": step} for i in due}
+        since: dict[int, list[int]] = {}
+        for i in due:
+            since.setdefault(last[i], []).append(i)
+        names = {"loss": "train/batch_loss", "grad_norm": "train/grad_norm", "update_ratio": "train/update_ratio"}
+        for s0, idx in since.items():
+            outs = [o for e, ch in pending if e > s0 for o in ch]
+            if not outs:
+                continue
+            means = jax.device_get({names[k]: jnp.mean(jnp.concatenate([o[k] for o in outs], axis=-1), axis=-1)
+                                    for k in names})
+            for i in idx:
+                for k, v in means.items():
+                    rows[i][k] = float(np.asarray(v).reshape(-1)[i])
+        for i in due:
+            row = rows[i]
+            for bad in ("train/batch_loss", "train/grad_norm"):
+                if bad in row and not math.isfinite(row[bad]):
+                    raise NonFiniteError(f"non-finite {bad}={row[bad]} by step {step}{self.run_label(i)}; stopping "
+                                         "(the last good checkpoint is kept)")
+        evals = self.evaluate_runs(state)
+        measures = self.measure_runs(state, due)
+        out = []
+        for i, ms in zip(due, measures, strict=True):
+            row = rows[i]
+            row.update(evals[i])
+            if "train/loss" not in row and "train/batch_loss" in row:
+                row["train/loss"] = row["train/batch_loss"]
+            row.update(ms)
+            if perf:
+                row.update(perf)
+            out.append(row)
+        return out

@@ -106,13 +106,13 @@ def test_classification_loss_read_out_at_the_query_equals_the_full_forward():
                           "model.mlp_head=16"])
     tr = Trainer(cfg)
     params = tr.model.params()
-    batch = tr.batch_at(jax.random.PRNGKey(3), 0)
+    batch = jax.jit(tr.batch_at)(jax.random.PRNGKey(3), 0)
 
-    def full(p):
+    def full(p, batch):
         return masked_nll(tr.model.apply(p, batch), batch)
 
-    lq, gq = jax.value_and_grad(tr.loss)(params, batch)
-    lf, gf = jax.value_and_grad(full)(params)
+    lq, gq = jax.jit(jax.value_and_grad(tr.loss))(params, batch)
+    lf, gf = jax.jit(jax.value_and_grad(full))(params, batch)
     np.testing.assert_allclose(lq, lf, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(gq), jax.tree_util.tree_leaves(gf), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

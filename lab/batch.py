@@ -1,0 +1,192 @@
+"""Many runs as one program: seeds x clamp conditions, vmapped.
+
+The models are tiny, so one run leaves most of a machine idle. ``trainer.seeds=[0,1,2]`` (or
+``trainer.num_seeds=N``) and ``conditions=[none,prev_token,...]`` (clamp presets) expand into one
+run per (condition, seed). They share every shape, so they train as one jitted, vmapped program:
+
+- each run's state is stacked on a leading axis (parameters from its own seed, its own data key);
+- the clamps of all conditions form one clamp set, and each run switches on only its own through
+  ``gates`` (data), so different conditions are different numbers, not different programs;
+- each run still gets its own run directory, written exactly as if it had trained alone:
+  ``config.yaml`` (a solo config, so ``lab resume`` / ``fork`` / ``replay`` work on it),
+  ``metrics.jsonl``, checkpoints (a solo run's state), summary, curves and wandb run.
+  The batch directory holds them all and ``batch.json``; ``lab compare BATCH_DIR`` reads it.
+
+Before anything is written the batched program is compiled and its memory measured (XLA's own
+accounting); a batch that would not fit the device's free memory is refused with how many would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from omegaconf import DictConfig
+
+from lab.errors import LabError
+from lab.model import build_model
+from lab.train import Trainer
+
+GiB = 1024 ** 3
+
+
+def seeds_of(cfg) -> list[int]:
+    tc = cfg.trainer
+    return [int(s) for s in tc.seeds] if tc.seeds is not None else [cfg.seed + k for k in range(tc.num_seeds)]
+
+
+def is_batch(cfg) -> bool:
+    return bool(cfg.conditions) or len(seeds_of(cfg)) > 1
+
+
+def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
+    """One solo (cfg, node, overrides, label) per (condition, seed), in condition-major order."""
+    from lab.config import load_config
+
+    batch_keys = ("trainer.seeds=", "trainer.num_seeds=", "conditions=", "run.dir=", "seed=", "clamp=")
+    base = [o for o in overrides if not o.lstrip("+~").startswith(batch_keys)]
+    conds = list(cfg.conditions) or [None]
+    runs = []
+    for cond in conds:
+        extra = [f"clamp={cond}"] if cond is not None else [o for o in overrides if o.startswith("clamp=")]
+        for seed in seeds_of(cfg):
+            ov = base + extra + [f"seed={seed}"]
+            c, n = load_config(ov + ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]"])
+            label = cond if cond is not None else ("+".join(c.clamps) or "none")
+            runs.append({"cfg": c, "node": n, "overrides": ov, "label": label, "seed": seed})
+    return runs
+
+
+class BatchTrainer(Trainer):
+    """Trainer of R runs that share shapes: the same step, vmapped over a stacked state."""
+
+    def __init__(self, cfgs: list):
+        self.cfgs = cfgs
+        conds: list[dict] = []
+        self.cond_of = []
+        for c in cfgs:
+            key = {n: dataclasses.asdict(s) for n, s in c.clamps.items()}
+            if key not in conds:
+                conds.append(key)
+            self.cond_of.append(conds.index(key))
+        self.conds = [dict(cfgs[self.cond_of.index(i)].clamps) for i in range(len(conds))]
+        # the union of every condition's clamps, each renamed NAME@CONDITION and gated per run
+        union = {f"{n}@{i}": spec for i, cl in enumerate(self.conds) for n, spec in cl.items()}
+        super().__init__(dataclasses.replace(cfgs[0], clamps=union))
+        self.runs = len(cfgs)
+        self.step_fn = jax.jit(jax.vmap(self._step), donate_argnums=0)
+        self.scan_fn = jax.jit(jax.vmap(self._scan), donate_argnums=0)
+        self._beval = {}
+
+    # ---- the stacked state ----------------------------------------------------------------
+    def init_state(self) -> dict:
+        states = []
+        for c, ci in zip(self.cfgs, self.cond_of, strict=True):
+            st = super().init_state(build_model(c.model, self.task, seed=c.seed).params(), c.seed)
+            if self.clamps:
+                st["gates"] = {n: jnp.float32(n.rsplit("@", 1)[1] == str(ci)) for n in self.cfg.clamps}
+            states.append(st)
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+    def run_state(self, state, i: int) -> dict:
+        one = jax.tree_util.tree_map(lambda a: a[i], state)
+        one.pop("gates", None)
+        if "frozen" in one:  # back to the run's own clamp names, as its solo program keeps them
+            suffix = f"@{self.cond_of[i]}"
+            one["frozen"] = {n[: -len(suffix)]: v for n, v in one["frozen"].items() if n.endswith(suffix)}
+            if not one["frozen"]:
+                one.pop("frozen")
+        return one
+
+    def current_step(self, state) -> int:
+        return int(state["step"][0])
+
+    def run_label(self, i: int) -> str:
+        return f" in run {i} (seed {self.cfgs[i].seed}, {self.condition(i)})"
+
+    def condition(self, i: int) -> str:
+        return "+".join(self.cfgs[i].clamps) or "none"
+
+    # ---- evaluation of every run at once ---------------------------------------------------
+    def _eval_call(self, clamps, state, batch):
+        key = id(clamps)
+        if key not in self._beval:
+            def one(params, step, frozen, gates, batch, clamps=clamps):
+                return self._evaluate(params, batch, step, frozen, clamps=clamps, gates=gates)
+
+            self._beval[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))
+        return self._beval[key](state["params"], state["step"], state.get("frozen"), state.get("gates"), batch)
+
+    def measure_runs(self, state, which: list[int]) -> list[dict[str, float]]:
+        return [self.measures(jax.tree_util.tree_map(lambda a, i=i: a[i], state["params"])) for i in which]
+
+    # ---- memory ------------------------------------------------------------------------------
+    def check_memory(self, state, limit_bytes: float | None = None) -> dict:
+        """Compile the batched step program and refuse it, before anything runs, if it would not fit."""
+        compiled = self.scan_fn.lower(state).compile()
+        need = _program_bytes(compiled)
+        limit = limit_bytes if limit_bytes is not None else free_device_bytes()
+        per_run = need / self.runs
+        info = {"runs": self.runs, "bytes": need, "bytes_per_run": per_run, "limit_bytes": limit}
+        if limit is not None and need > limit:
+            fit = int(limit // per_run)
+            raise LabError(f"trainer.seeds: {self.runs} runs need {need / GiB:.2f} GiB ({per_run / GiB:.3f} GiB each) "
+                           f"but {limit / GiB:.2f} GiB is free on {jax.devices()[0].device_kind}; at most {fit} fit")
+        self.scan_fn = compiled  # the program just compiled is the one that runs
+        return info
+
+
+def _program_bytes(compiled) -> float:
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0.0
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def free_device_bytes() -> float | None:
+    """Free memory of the default device: the accelerator's allocator limit, or the host's available RAM."""
+    d = jax.devices()[0]
+    try:
+        stats = d.memory_stats()
+    except Exception:  # not every backend reports
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False) -> Path:
+    """Train every (condition, seed) of ``cfg`` as one program; returns the batch directory."""
+    from lab.run import _write_config, execute_runs, resolve_run_dir
+
+    runs = expand(cfg, node, overrides)
+    bt = BatchTrainer([r["cfg"] for r in runs])
+    state = bt.init_state()
+    limit = cfg.trainer.memory_limit_gb * GiB if cfg.trainer.memory_limit_gb is not None else None
+    mem = bt.check_memory(state, limit)
+    root = resolve_run_dir(cfg)
+    for r in runs:
+        r["dir"] = root / f"{r['label']}-s{r['seed']}"
+        r["overrides"] = r["overrides"] + [f"run.dir={r['dir']}"]
+        r["node"].run.dir = str(r["dir"])
+    for r in runs:
+        _write_config(r["dir"], r["node"], r["overrides"], extra={"batch": str(root)})
+    index = {"experiment": cfg.experiment, "overrides": list(overrides), "conditions": list(cfg.conditions) or None,
+             "seeds": seeds_of(cfg), "memory_bytes": mem["bytes"], "device": str(jax.devices()[0].device_kind),
+             "runs": [{"dir": r["dir"].name, "condition": r["label"], "seed": r["seed"]} for r in runs]}
+    (root / "batch.json").write_text(json.dumps(index, indent=2))
+    if not quiet:
+        print(f"{len(runs)} runs as one program ({mem['bytes'] / 2**20:.1f} MiB): {root}", file=sys.stderr)
+    execute_runs(bt, [r["node"] for r in runs], [r["dir"] for r in runs], state, quiet=quiet,
+                 conditions=[r["label"] for r in runs])
+    return root

@@ -1,0 +1,57 @@
+"""Many runs as one vmapped program (lab.batch): each run equals the same run trained alone."""
+
+import json
+import subprocess
+
+import numpy as np
+
+from lab.batch import train_batch
+from lab.config import load_config
+from lab.run import train_run
+from lab.tracking import read_metrics
+from tests.conftest import lab_cmd
+
+BATCH = ["trainer.seeds=[0,3]", "conditions=[none,prev_token]"]
+
+
+def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
+    ov = tiny + BATCH + [f"run.dir={tmp_path / 'b'}"]
+    cfg, node = load_config(ov)
+    root = train_batch(cfg, node, ov, quiet=True)
+    index = json.loads((root / "batch.json").read_text())
+    assert [(r["condition"], r["seed"]) for r in index["runs"]] == [
+        ("none", 0), ("none", 3), ("prev_token", 0), ("prev_token", 3)]
+    # the clamped seed-3 run, trained alone with the same settings
+    solo_ov = tiny + ["clamp=prev_token", "seed=3", f"run.dir={tmp_path / 'solo'}"]
+    c2, n2 = load_config(solo_ov)
+    solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
+    a, b = read_metrics(root / "prev_token-s3" / "metrics.jsonl"), read_metrics(solo / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        keys = [k for k in rb if not k.startswith("perf/")]
+        assert sorted(keys) == sorted(k for k in ra if not k.startswith("perf/"))
+        np.testing.assert_allclose([ra[k] for k in keys], [rb[k] for k in keys], rtol=2e-4, atol=2e-5)
+    sa = json.loads((root / "prev_token-s3" / "summary.json").read_text())
+    sb = json.loads((solo / "summary.json").read_text())
+    assert sa["condition"] == sb["condition"] == "prev_token" and sa["seed"] == 3
+    assert sa["checkpoints"] == sb["checkpoints"]
+    assert len(sa["phase"]["transitions"]) == len(sb["phase"]["transitions"])
+    # the unclamped runs differ from the clamped ones, and the seeds from each other
+    n0 = read_metrics(root / "none-s0" / "metrics.jsonl")[-1]["train/loss"]
+    n3 = read_metrics(root / "none-s3" / "metrics.jsonl")[-1]["train/loss"]
+    p3 = a[-1]["train/loss"]
+    assert len({round(n0, 6), round(n3, 6), round(p3, 6)}) == 3
+    # each run directory is a solo run: its config has no batch fields and it can be resumed from
+    run_cfg = (root / "none-s3" / "config.yaml").read_text()
+    assert "seed: 3" in run_cfg and "num_seeds: 1" in run_cfg and "conditions: []" in run_cfg
+
+
+def test_a_batch_that_does_not_fit_is_refused_before_anything_is_written(tiny, tmp_path):
+    out = tmp_path / "b"
+    p = subprocess.run(lab_cmd("train", *tiny, "trainer.num_seeds=4", "trainer.memory_limit_gb=1e-5",
+                               f"run.dir={out}"), capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: trainer.seeds: 4 runs need") and "at most 0 fit" in line, line
+    assert "Traceback" not in p.stderr
+    assert not out.exists()
