@@ -57,7 +57,11 @@ class Checkpointer:
         if step not in self.steps():
             raise LabError(f"step={step}: no checkpoint at that step in {self.directory} (have {self.steps()})")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except Exception as e:  # truncated or foreign files: say so in one line, never load half a state
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise LabError(f"checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: {msg})") from e
         return out["state"]
 
     def restore_config(self, step: int) -> dict:

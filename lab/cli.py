@@ -22,8 +22,15 @@ import sys
 from lab.errors import LabError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise LabError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lab", description="induction-lab: watch induction heads form.")
+    p = _Parser(prog="lab", description="induction-lab: watch induction heads form.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one run (hydra overrides: key=value ...)")
@@ -147,15 +154,31 @@ COMMANDS = {"train": _train, "config": _config, "resume": _resume, "fork": _fork
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import logging
+
+    # a damaged checkpoint makes orbax's asyncio readers fail; the lab reports that in one line itself
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     debug = "--debug" in argv or os.environ.get("LAB_DEBUG") == "1"
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        args, extra = parser.parse_known_args(argv)
+        # overrides may come after options (`fork RUN --step 5 clamp=x`): argparse leaves those over
+        if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            args.overrides = list(args.overrides) + extra
         return COMMANDS[args.command](args)
     except LabError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, unwritable directory, ... at a write the up-front checks could not foresee
+        if debug:
+            raise
+        print(f"error: {e.filename or ''}: {e.strerror or e} (what was saved before is intact; "
+              "`lab resume RUN_DIR` continues from the last complete checkpoint)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

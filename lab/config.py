@@ -151,7 +151,19 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     return cfg
 
 
+def _refuse_targets(node, path: str = "") -> None:
+    """The lab instantiates nothing named in a config: a `_target_` anywhere is refused, so a config
+    (or a run directory's config.yaml) can never make the lab import or call arbitrary code."""
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            name = f"{path}.{k}" if path else str(k)
+            if str(k) == "_target_":
+                raise LabError(f"{name}: the lab instantiates nothing from configs; remove it")
+            _refuse_targets(node._get_node(k), name)
+
+
 def to_config(node: DictConfig) -> Config:
+    _refuse_targets(node)
     try:
         cfg = OmegaConf.to_object(node)
     except Exception as e:

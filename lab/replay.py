@@ -80,20 +80,33 @@ def restore_state(trainer: Trainer, run_dir: Path, step: int) -> dict:
 def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
     """Continue an interrupted run from its last complete checkpoint; the result equals a run that
     was never interrupted (same parameters, same metrics rows)."""
-    from lab.run import execute
+    from lab.run import execute, lock_run_dir
 
     run_dir = check_run_dir(run_dir)
+    lock_run_dir(run_dir)  # before anything is rewritten: a second writer is refused
     cfg, node = from_yaml(run_dir / "config.yaml")  # the run's own resolved config, whatever configs/ says now
     steps = complete_steps(run_dir)
-    if not steps:
-        raise LabError(f"run_dir={run_dir}: no complete checkpoint to resume from")
-    last = steps[-1]
-    if last >= cfg.trainer.steps and (run_dir / "summary.json").exists():
+    last = steps[-1] if steps else 0
+    if steps and last >= cfg.trainer.steps and (run_dir / "summary.json").exists():
         raise LabError(f"run_dir={run_dir}: already finished (step {last} of {cfg.trainer.steps})")
     trainer = Trainer(cfg)
-    state = restore_state(trainer, run_dir, last)
+    state = None
+    while steps:  # the newest checkpoint that reads back whole; a damaged one is skipped with a warning
+        last = steps[-1]
+        try:
+            state = restore_state(trainer, run_dir, last)
+            break
+        except LabError as e:
+            aside = run_dir / "checkpoints" / f"damaged-{last}"  # kept for inspection, out of orbax's way
+            (run_dir / "checkpoints" / str(last)).rename(aside)
+            print(f"warning: skipping {e}; moved it to {aside}", file=sys.stderr)
+            steps = steps[:-1]
+    last = steps[-1] if steps else 0
+    if state is None:  # killed before its first checkpoint completed: nothing was kept, so start again
+        print(f"warning: {run_dir} has no complete checkpoint; starting again from step 0", file=sys.stderr)
+        state = trainer.init_state()
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl")] if (run_dir / "metrics.jsonl").exists() else []
-    kept = [r for r in rows if r["step"] <= last]
+    kept = [r for r in rows if r["step"] <= last] if steps else []
     _rewrite_metrics(run_dir / "metrics.jsonl", kept)
     if not quiet:
         print(f"resuming {run_dir} from step {last}", file=sys.stderr)
@@ -146,9 +159,11 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
     wandb (same group, job_type ``replay``)."""
     from omegaconf import OmegaConf
 
+    from lab.run import lock_run_dir
     from lab.tracking import Tracker
 
     run_dir = check_run_dir(run_dir)
+    lock_run_dir(run_dir)
     extra = list(overrides)
     if measures:
         extra.append(f"measures.names=[{','.join(measures)}]")

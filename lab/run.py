@@ -76,8 +76,65 @@ def train_run(cfg: Config, node: DictConfig, quiet: bool = False, overrides: lis
     return execute(trainer, node, run_dir, trainer.init_state(), quiet=quiet)
 
 
+MIN_FREE_BYTES = 64 * 2 ** 20
+_LOCKS: dict[str, int] = {}
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before training, a run directory that cannot be created or written, or a nearly full disk."""
+    import os
+    import shutil
+
+    anc = Path(run_dir).absolute()
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise LabError(f"run.dir={run_dir}: cannot be created ({anc} is a file, not a directory)")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise LabError(f"run.dir={run_dir}: cannot be created or written ({anc} is not writable)")
+    free = shutil.disk_usage(anc).free
+    if free < MIN_FREE_BYTES:
+        raise LabError(f"run.dir={run_dir}: only {free / 2 ** 20:.0f} MiB free on its disk; "
+                       f"a run needs at least {MIN_FREE_BYTES // 2 ** 20} MiB")
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on the run directory while this process writes it: a second writer (another
+    `lab resume`, a replay of a run still training) is refused. The OS releases it when the process dies."""
+    import fcntl
+    import os
+
+    key = str(Path(run_dir).absolute())
+    if key in _LOCKS:
+        return
+    fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise LabError(f"run_dir={run_dir}: another process (pid {other}) is writing this run directory; "
+                       "wait for it or stop it first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    import os
+
+    fd = _LOCKS.pop(str(Path(run_dir).absolute()), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def _write_config(run_dir: Path, node: DictConfig, overrides: list[str] | None, extra: dict | None = None) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LabError(f"run.dir={run_dir}: cannot be created ({e.strerror})") from e
+    lock_run_dir(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(node, resolve=True))
     # the command-line overrides: `lab fork` and `lab replay` re-compose the config from them
     (run_dir / "overrides.json").write_text(json.dumps({"overrides": list(overrides or []), **(extra or {})}))
@@ -106,6 +163,8 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
     if not quiet:
         for d in run_dirs if n <= 4 else run_dirs[:1]:
             print(f"run directory: {d}", file=sys.stderr)
+    for d in run_dirs:
+        lock_run_dir(d)
     trackers = [Tracker(d, c.tracking, cd, name=d.name, group=c.experiment, job_type=cond, resume=resume)
                 for d, c, cd, cond in zip(run_dirs, cfgs, config_dicts, conditions, strict=True)]
     ckpts = [Checkpointer(d / "checkpoints", c.checkpoint) for d, c in zip(run_dirs, cfgs, strict=True)]
@@ -168,6 +227,7 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
         trackers[i].close()
         if not quiet and (n == 1 or i == 0):
             print(format_summary(summary, run_dir))
+        unlock_run_dir(run_dir)
     return list(run_dirs)
 
 

@@ -28,9 +28,11 @@ class WandbConfig:
     group: str | None = None  # default: the experiment name
     job_type: str | None = None  # default: the clamp condition ("none" without clamps), else "train"
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # seconds an online start may take before the run falls back to offline
 
     def validate(self) -> None:
         check(self.mode in WANDB_MODES, "tracking.wandb.mode", self.mode, f"one of {', '.join(WANDB_MODES)}")
+        check(self.init_timeout > 0, "tracking.wandb.init_timeout", self.init_timeout, "must be > 0")
 
 
 @dataclass
@@ -75,21 +77,23 @@ class Tracker:
         wb = cfg.wandb
         if wb.mode == "disabled":
             return
-        try:
-            os.environ.setdefault("WANDB_SILENT", "true")
-            import wandb
+        os.environ.setdefault("WANDB_SILENT", "true")
+        kwargs = dict(dir=str(run_dir), project=wb.project, entity=wb.entity, group=wb.group or group,
+                      job_type=wb.job_type or job_type, tags=list(wb.tags), name=name, config=config,
+                      id=_wandb_id(run_dir) + wandb_id_suffix, resume="allow" if resume else None)
+        modes = [wb.mode] + (["offline"] if wb.mode == "online" else [])
+        for mode in modes:  # online that cannot start (no key, no network, no service) falls back to offline
+            try:
+                import wandb
 
-            self.run = wandb.init(
-                dir=str(run_dir), mode=wb.mode, project=wb.project, entity=wb.entity,
-                group=wb.group or group, job_type=wb.job_type or job_type, tags=list(wb.tags),
-                name=name, config=config, id=_wandb_id(run_dir) + wandb_id_suffix,
-                resume="allow" if resume else None,
-                settings=wandb.Settings(console="off", quiet=True),
-            )
-        except Exception as e:  # wandb must never stop a run
-            warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); logging to metrics.jsonl only",
-                          stacklevel=2)
-            self.run = None
+                settings = wandb.Settings(console="off", quiet=True, init_timeout=wb.init_timeout)
+                self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+                break
+            except Exception as e:  # wandb must never stop a run
+                then = "logging offline" if mode == "online" else "logging to metrics.jsonl only"
+                warnings.warn(f"wandb could not start in {mode} mode ({type(e).__name__}: {_first_line(e)}); {then}",
+                              stacklevel=2)
+                self.run = None
 
     def log(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
@@ -119,6 +123,10 @@ class Tracker:
             except Exception as e:
                 print(f"warning: wandb finish failed ({e})", file=sys.stderr)
             self.run = None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _wandb_id(run_dir: Path) -> str:

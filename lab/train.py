@@ -41,6 +41,7 @@ class TrainerConfig:
     seeds: list[int] | None = None  # several seeds trained as one vmapped program (lab.batch), one run dir each
     num_seeds: int = 1  # shorthand: seeds seed, seed+1, ..., seed+num_seeds-1
     memory_limit_gb: float | None = None  # refuse batches of runs needing more (default: the device's free memory)
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient: stop (keep the last good checkpoint) | skip the step
     log_unclamped: bool = False  # with clamps: also log each evaluator unclamped, as <evaluator>@unclamped/...
 
     def validate(self) -> None:
@@ -51,6 +52,7 @@ class TrainerConfig:
         check(self.eval_log_points >= 0, "trainer.eval_log_points", self.eval_log_points, "must be >= 0")
         check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, "must be >= 1")
         check(self.num_seeds >= 1, "trainer.num_seeds", self.num_seeds, "must be >= 1")
+        check(self.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", self.on_nonfinite, "one of stop, skip")
         if self.seeds is not None:
             check(len(self.seeds) >= 1 and all(int(x) >= 0 for x in self.seeds), "trainer.seeds", self.seeds,
                   "a non-empty list of seeds >= 0")
@@ -149,9 +151,17 @@ class Trainer:
                                                            state.get("gates"))
         updates, opt_state = self.opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new.update(params=params, opt_state=opt_state, step=step + 1)
+        gnorm = optax.global_norm(grads)
         ratio = optax.global_norm(updates) / jnp.maximum(optax.global_norm(state["params"]), 1e-12)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "update_ratio": ratio}
+        out = {"loss": loss, "grad_norm": gnorm, "update_ratio": ratio}
+        if self.cfg.trainer.on_nonfinite == "skip":  # a non-finite step leaves parameters and optimiser as they were
+            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
+            params = jax.tree_util.tree_map(keep, params, state["params"])
+            opt_state = jax.tree_util.tree_map(keep, opt_state, state["opt_state"])
+            out["skipped"] = (~ok).astype(jnp.float32)
+        new.update(params=params, opt_state=opt_state, step=step + 1)
+        return new, out
 
     def _scan(self, state):
         return jax.lax.scan(lambda s, _: self._step(s), state, None, length=self.chunk)
@@ -304,27 +314,43 @@ class Trainer:
             pending = [(e, o) for e, o in pending if e > min(last)]
         return state
 
+    def _nonfinite_message(self, per_step, i, s0, step, skip) -> str:
+        """Name the first step whose loss or gradient norm was not finite, and what was."""
+        host = {k: np.asarray(jax.device_get(v)).reshape(self.runs or 1, -1)[i] for k, v in per_step.items()}
+        if skip:
+            return (f"every step from {s0} to {step - 1} was non-finite and skipped{self.run_label(i)}; stopping "
+                    "(the last good checkpoint is kept)")
+        for j in range(host["loss"].shape[0]):
+            for k, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+                if not math.isfinite(float(host[k][j])):
+                    return (f"non-finite {name}={float(host[k][j])} at step {s0 + j}{self.run_label(i)}; stopping "
+                            "(the last good checkpoint is kept; trainer.on_nonfinite=skip skips such steps)")
+        return f"non-finite training statistics by step {step}{self.run_label(i)}; stopping"
+
     def _rows(self, step, state, due, pending, last, perf) -> list[dict]:
         rows = {i: {"step": step} for i in due}
         since: dict[int, list[int]] = {}
         for i in due:
             since.setdefault(last[i], []).append(i)
         names = {"loss": "train/batch_loss", "grad_norm": "train/grad_norm", "update_ratio": "train/update_ratio"}
+        skip = self.cfg.trainer.on_nonfinite == "skip"
         for s0, idx in since.items():
             outs = [o for e, ch in pending if e > s0 for o in ch]
             if not outs:
                 continue
-            means = jax.device_get({names[k]: jnp.mean(jnp.concatenate([o[k] for o in outs], axis=-1), axis=-1)
-                                    for k in names})
+            per_step = {k: jnp.concatenate([o[k] for o in outs], axis=-1) for k in outs[0]}
+            if skip:  # means over the steps that were taken; count the skipped ones
+                took = per_step["skipped"] == 0
+                stats = {names[k]: jnp.sum(jnp.where(took, per_step[k], 0.0), -1) / jnp.sum(took, -1) for k in names}
+                stats["train/skipped_steps"] = jnp.sum(per_step["skipped"], -1)
+            else:
+                stats = {names[k]: jnp.mean(per_step[k], axis=-1) for k in names}
+            stats = jax.device_get(stats)
             for i in idx:
-                for k, v in means.items():
+                for k, v in stats.items():
                     rows[i][k] = float(np.asarray(v).reshape(-1)[i])
-        for i in due:
-            row = rows[i]
-            for bad in ("train/batch_loss", "train/grad_norm"):
-                if bad in row and not math.isfinite(row[bad]):
-                    raise NonFiniteError(f"non-finite {bad}={row[bad]} by step {step}{self.run_label(i)}; stopping "
-                                         "(the last good checkpoint is kept)")
+                if not all(math.isfinite(rows[i][k]) for k in ("train/batch_loss", "train/grad_norm")):
+                    raise NonFiniteError(self._nonfinite_message(per_step, i, s0, step, skip))
         evals = self.evaluate_runs(state)
         measures = self.measure_runs(state, due)
         out = []
