@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from omegaconf import DictConfig
 
 from lab.errors import LabError
@@ -90,7 +91,19 @@ class BatchTrainer(Trainer):
             if self.clamps:
                 st["gates"] = {n: jnp.float32(n.rsplit("@", 1)[1] == str(ci)) for n in self.cfg.clamps}
             states.append(st)
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+        state = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+        return self.shard(state)
+
+    def shard(self, state):
+        """Spread the runs over the available devices (a mesh with one axis, "runs"): 8 GPUs train 8x the
+        runs. Needs the number of runs to be a multiple of the device count; otherwise one device."""
+        devices = jax.devices()
+        if len(devices) < 2 or self.runs % len(devices):
+            return state
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.array(devices), ("runs",))
+        return jax.device_put(state, NamedSharding(mesh, PartitionSpec("runs")))
 
     def run_state(self, state, i: int) -> dict:
         one = jax.tree_util.tree_map(lambda a: a[i], state)
@@ -130,8 +143,10 @@ class BatchTrainer(Trainer):
         compiled = self.scan_fn.lower(state).compile()
         need = _program_bytes(compiled)
         limit = limit_bytes if limit_bytes is not None else free_device_bytes()
-        per_run = need / self.runs
-        info = {"runs": self.runs, "bytes": need, "bytes_per_run": per_run, "limit_bytes": limit}
+        ndev = len(jax.devices()) if self.runs % len(jax.devices()) == 0 else 1
+        per_run = need * ndev / self.runs  # XLA reports one device's share of a sharded program
+        info = {"runs": self.runs, "bytes": need, "bytes_per_run": per_run, "limit_bytes": limit,
+                "devices": len(jax.devices())}
         if limit is not None and need > limit:
             fit = int(limit // per_run)
             raise LabError(f"trainer.seeds: {self.runs} runs need {need / GiB:.2f} GiB ({per_run / GiB:.3f} GiB each) "

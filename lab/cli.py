@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run (hydra overrides: key=value ...)")
     t.add_argument("overrides", nargs="*", help="e.g. experiment=reddy_bursty seed=3 trainer.steps=20000")
     t.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    t.add_argument("-m", "--multirun", action="store_true",
+                   help="a sweep through hydra's launchers: comma lists expand, e.g. seed=0,1,2 clamp=none,prev_token")
     c = sub.add_parser("config", help="print the composed config (hydra overrides: key=value ...)")
     c.add_argument("overrides", nargs="*")
     r = sub.add_parser("resume", help="continue an interrupted run from its last complete checkpoint")
@@ -70,6 +72,14 @@ def _train(args) -> int:
     from lab.config import load_config
     from lab.run import train_run
 
+    if args.multirun:
+        from lab.sweep import read_index, run_sweep
+
+        sweep_dir = run_sweep(args.overrides, quiet=args.quiet)
+        failed = [j for j in read_index(sweep_dir)["jobs"].values() if j["status"] != "done"]
+        if args.quiet:
+            print(sweep_dir)
+        return 1 if failed else 0
     cfg, node = load_config(args.overrides)
     if is_batch(cfg):  # several seeds or conditions: one vmapped program, one run directory each
         run_dir = train_batch(cfg, node, args.overrides, quiet=args.quiet)
