@@ -36,6 +36,7 @@ def _lines(path: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_kill_9_at_ten_random_moments_then_resume_equals_uninterrupted(tmp_path):
     """A real training process is killed with SIGKILL at 10 random moments (during steps, asynchronous
     checkpoint saves and metrics writes); `lab resume` each time; the finished run's parameters are

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lab.batch import train_batch
 from lab.config import load_config
@@ -22,6 +23,7 @@ def _index(sweep):
     return {int(k): v for k, v in json.loads((sweep / "sweep.json").read_text())["jobs"].items()}
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_of_four_jobs(tmp_path):
     sweep = tmp_path / "sw"
     p = subprocess.run(lab_cmd("train", "-m", *TINY, "trainer.steps=20", "seed=0,1", "optim.lr=1e-3,3e-3",
@@ -40,6 +42,7 @@ def test_submitit_local_sweep_of_four_jobs(tmp_path):
     assert len(seen) == 4
 
 
+@pytest.mark.slow
 def test_joblib_sweep_with_a_failing_job_then_rerun_finishes_only_what_is_missing(tmp_path):
     good, late = tmp_path / "good.npy", tmp_path / "late.npy"
     feats = np.random.default_rng(0).normal(size=(60, 2, 8)).astype(np.float32)
