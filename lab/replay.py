@@ -189,9 +189,15 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
         from tqdm import tqdm
 
         it = tqdm(want, desc="replay", unit="ckpt", file=sys.stderr)
+    skipped = []
     try:
         for s in it:
-            state = restore_state(trainer, run_dir, s)
+            try:
+                state = restore_state(trainer, run_dir, s)
+            except LabError as e:  # a damaged checkpoint is skipped, never half-loaded
+                print(f"warning: skipping {e}", file=sys.stderr)
+                skipped.append(s)
+                continue
             row = {"step": s}
             row.update(trainer.evaluate(state))
             row.update(trainer.measures(state["params"]))
@@ -199,6 +205,9 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
             tracker.log(row)
     finally:
         tracker.close()
+    if skipped and len(skipped) == len(want):
+        raise LabError(f"run_dir={run_dir}: no selected checkpoint could be read ({skipped})")
     if not quiet:
-        print(f"replayed {len(want)} checkpoints -> {out}", file=sys.stderr)
+        print(f"replayed {len(want) - len(skipped)} checkpoints -> {out}"
+              + (f" (skipped damaged {skipped})" if skipped else ""), file=sys.stderr)
     return out

@@ -261,6 +261,11 @@ def test_bad_run_directories_table(finished_run, tmp_path, capsys):
         assert rc == 2, (argv, err)
         assert err and err[-1].startswith("error: ") and needle in err[-1], (argv, err)
     assert not (tmp_path / "f").exists()
+    # replay skips the damaged checkpoint with a warning and replays the others
+    rc = cli.main(["replay", str(broken), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "warning: skipping checkpoint 60" in err, err
+    assert [r["step"] for r in read_metrics(broken / "replay.jsonl")] == [0, 30]
     # resume skips the damaged checkpoint with a warning and continues from the one before it
     rc = cli.main(["resume", str(broken), "--quiet"])
     err = capsys.readouterr().err
