@@ -51,6 +51,8 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
     batch_keys = ("trainer.seeds=", "trainer.num_seeds=", "conditions=", "run.dir=", "seed=", "clamp=")
     base = [o for o in overrides if not o.lstrip("+~").startswith(batch_keys)]
     conds = list(cfg.conditions) or [None]
+    if len(set(conds)) != len(conds):
+        raise LabError(f"conditions={list(cfg.conditions)}: each condition once (runs would share a directory)")
     runs = []
     for cond in conds:
         extra = [f"clamp={cond}"] if cond is not None else [o for o in overrides if o.startswith("clamp=")]
@@ -86,8 +88,15 @@ class BatchTrainer(Trainer):
     # ---- the stacked state ----------------------------------------------------------------
     def init_state(self) -> dict:
         states = []
+        base_consts = jax.tree_util.tree_leaves(self.model._consts)
         for c, ci in zip(self.cfgs, self.cond_of, strict=True):
-            st = super().init_state(build_model(c.model, self.task, seed=c.seed).params(), c.seed)
+            m = build_model(c.model, self.task, seed=c.seed)
+            if not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(m._consts), base_consts,
+                                                            strict=True)):
+                raise LabError(f"trainer.seeds: model.positions={c.model.positions} draws fixed arrays per seed, "
+                               "which batched runs cannot hold apart; train these seeds as separate runs "
+                               "(lab train -m seed=...)")
+            st = super().init_state(m.params(), c.seed)
             if self.clamps:
                 st["gates"] = {n: jnp.float32(n.rsplit("@", 1)[1] == str(ci)) for n in self.cfg.clamps}
             states.append(st)

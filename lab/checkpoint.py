@@ -30,6 +30,10 @@ class CheckpointConfig:
         check(self.keep is None or self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1 or null")
 
 
+class CheckpointReadError(LabError):
+    """A checkpoint that cannot be read back into the given structure (damaged files, or other shapes)."""
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
         cfg = cfg or CheckpointConfig()
@@ -61,7 +65,8 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # truncated or foreign files: say so in one line, never load half a state
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise LabError(f"checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: {msg})") from e
+            raise CheckpointReadError(f"checkpoint {step} in {self.directory} cannot be read "
+                                      f"({type(e).__name__}: {msg})") from e
         return out["state"]
 
     def restore_config(self, step: int) -> dict:

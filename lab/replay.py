@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jax
 
-from lab.checkpoint import Checkpointer
+from lab.checkpoint import Checkpointer, CheckpointReadError
 from lab.config import compose, from_yaml, to_config
 from lab.errors import LabError
 from lab.tracking import read_metrics
@@ -61,17 +61,14 @@ def restore_state(trainer: Trainer, run_dir: Path, step: int) -> dict:
     if "frozen" in like:  # a run with frozen clamps saved its snapshots too
         try:
             return dict(ck.restore(step, like))
-        except LabError:
-            raise
-        except Exception:
+        except CheckpointReadError:
             pass  # a parent without them: the snapshots start from the restored parameters
     try:
         state = dict(ck.restore(step, base))
-    except LabError:
-        raise
-    except Exception as e:
-        raise LabError(f"checkpoint {step} of {run_dir} does not fit this model/optimiser "
-                       f"({type(e).__name__}); forks may change clamps, measures and logging, not shapes") from e
+    except CheckpointReadError as e:
+        cause = str(e).split("cannot be read ", 1)[-1]
+        raise CheckpointReadError(f"checkpoint {step} of {run_dir} cannot be restored into this model/optimiser: its "
+                                  f"files are damaged or its shapes differ {cause}") from e
     if "frozen" in like:
         state["frozen"] = trainer.clamps.init_frozen(state["params"])
     return state
@@ -90,17 +87,25 @@ def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
     if steps and last >= cfg.trainer.steps and (run_dir / "summary.json").exists():
         raise LabError(f"run_dir={run_dir}: already finished (step {last} of {cfg.trainer.steps})")
     trainer = Trainer(cfg)
-    state = None
-    while steps:  # the newest checkpoint that reads back whole; a damaged one is skipped with a warning
-        last = steps[-1]
+    state, bad = None, []
+    for s in reversed(steps):  # the newest checkpoint that reads back whole
         try:
-            state = restore_state(trainer, run_dir, last)
+            state = restore_state(trainer, run_dir, s)
             break
-        except LabError as e:
-            aside = run_dir / "checkpoints" / f"damaged-{last}"  # kept for inspection, out of orbax's way
-            (run_dir / "checkpoints" / str(last)).rename(aside)
-            print(f"warning: skipping {e}; moved it to {aside}", file=sys.stderr)
-            steps = steps[:-1]
+        except CheckpointReadError as e:
+            bad.append((s, e))
+    if steps and state is None:  # none reads: a different model or code, not damage; change nothing
+        raise LabError(f"run_dir={run_dir}: none of its {len(steps)} checkpoints can be restored; nothing was "
+                       f"changed (newest: {bad[0][1]})")
+    for s, e in bad:  # newer than one that reads: damaged. Kept for inspection, out of orbax's way
+        aside = run_dir / "checkpoints" / f"damaged-{s}"
+        i = 1
+        while aside.exists():
+            i += 1
+            aside = run_dir / "checkpoints" / f"damaged-{s}-{i}"
+        (run_dir / "checkpoints" / str(s)).rename(aside)
+        print(f"warning: skipping {e}; moved it to {aside}", file=sys.stderr)
+    steps = [s for s in steps if s not in {b for b, _ in bad}]
     last = steps[-1] if steps else 0
     if state is None:  # killed before its first checkpoint completed: nothing was kept, so start again
         print(f"warning: {run_dir} has no complete checkpoint; starting again from step 0", file=sys.stderr)
@@ -194,7 +199,7 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
         for s in it:
             try:
                 state = restore_state(trainer, run_dir, s)
-            except LabError as e:  # a damaged checkpoint is skipped, never half-loaded
+            except CheckpointReadError as e:  # a damaged checkpoint is skipped, never half-loaded
                 print(f"warning: skipping {e}", file=sys.stderr)
                 skipped.append(s)
                 continue

@@ -196,6 +196,10 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
                               [saver(ck, cd) for ck, cd in zip(ckpts, config_dicts, strict=True)],
                               progress=progress, start_time=t0, histories=histories)
         jax.block_until_ready(state)
+    except BaseException:
+        for t in trackers:  # a failed run's wandb run ends here, not in the next run of this process
+            t.close()
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -77,6 +77,12 @@ def _job(node: DictConfig) -> str:
     run_dir = sweep_dir / str(job)
     overrides = list(hc.overrides.task)
     entry = {"overrides": overrides, "run_dir": str(run_dir)}
+    before = read_index(sweep_dir)["jobs"].get(str(job), {}).get("overrides")
+    if before is not None and before != overrides:  # the same directory, another sweep: touch nothing
+        reason = (f"hydra.sweep.dir={sweep_dir}: job {job} there ran other overrides ({' '.join(before)}); "
+                  "use a new sweep directory")
+        print(f"job {job} failed: {reason}", file=sys.stderr)
+        return "failed"
     runs = _runs_of(run_dir)
     if runs and all((r / "summary.json").exists() for r in runs):
         update_index(sweep_dir, job, status="done", **entry)

@@ -80,7 +80,8 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         kwargs = dict(dir=str(run_dir), project=wb.project, entity=wb.entity, group=wb.group or group,
                       job_type=wb.job_type or job_type, tags=list(wb.tags), name=name, config=config,
-                      id=_wandb_id(run_dir) + wandb_id_suffix, resume="allow" if resume else None)
+                      id=_wandb_id(run_dir) + wandb_id_suffix, resume="allow" if resume else None,
+                      reinit="create_new")  # batched runs open several wandb runs in one process
         modes = [wb.mode] + (["offline"] if wb.mode == "online" else [])
         for mode in modes:  # online that cannot start (no key, no network, no service) falls back to offline
             try:
@@ -116,6 +117,8 @@ class Tracker:
                 pass
 
     def close(self) -> None:
+        if self._file.closed:
+            return
         self._file.close()
         if self.run is not None:
             try:

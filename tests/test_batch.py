@@ -15,12 +15,15 @@ BATCH = ["trainer.seeds=[0,3]", "conditions=[none,prev_token]"]
 
 
 def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
-    ov = tiny + BATCH + [f"run.dir={tmp_path / 'b'}"]
+    ov = tiny + BATCH + [f"run.dir={tmp_path / 'b'}", "tracking.wandb.mode=offline"]
     cfg, node = load_config(ov)
     root = train_batch(cfg, node, ov, quiet=True)
     index = json.loads((root / "batch.json").read_text())
     assert [(r["condition"], r["seed"]) for r in index["runs"]] == [
         ("none", 0), ("none", 3), ("prev_token", 0), ("prev_token", 3)]
+    # each run has its own wandb run (several in one process)
+    wb = [list((root / r["dir"] / "wandb").glob("offline-run-*")) for r in index["runs"]]
+    assert all(len(w) == 1 for w in wb) and len({w[0].name.rsplit("-", 1)[1] for w in wb}) == 4
     # the clamped seed-3 run, trained alone with the same settings
     solo_ov = tiny + ["clamp=prev_token", "seed=3", f"run.dir={tmp_path / 'solo'}"]
     c2, n2 = load_config(solo_ov)
