@@ -217,7 +217,8 @@ def bench_vmapped(seconds: float, peak: float, exp: str, counts, chunk: int) -> 
         sps, _ = steady(bt, seconds, state)
         if one is None:
             one = sps
-            flops = step_flops(Trainer(cfgs[0]), Trainer(cfgs[0]).init_state())
+            solo = Trainer(cfgs[0])
+            flops = step_flops(solo, solo.init_state())
         r = {"runs": n, "runs_steps_per_sec": n * sps, "speedup_vs_one": n * sps / one,
              "xla_memory_gib": mem["bytes"] / 2 ** 30, "mfu": n * sps * flops / (peak * 1e9)}
         out[str(n)] = r
