@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lab.model import layer_norm, merge_consts, rope
+from lab.model import merge_consts, rope
+
+
+def layer_norm(x, w, b, eps=1e-5):
+    mu = jnp.mean(x, -1, keepdims=True)
+    xc = x - mu
+    return xc * jax.lax.rsqrt(jnp.mean(xc * xc, -1, keepdims=True) + eps) * w + b
 
 
 def forward(cfg, consts, params, batch):

@@ -25,6 +25,7 @@ from flax import nnx
 
 from lab.errors import check
 from lab.hooks import NO_HOOKS, Hooks
+from lab.kernels import dense, layer_norm, matmul_nn, matmul_nt, softmax
 
 POSITIONS = ("learned", "sinusoidal", "rope", "onehot", "frozen_random", "none")
 
@@ -99,13 +100,6 @@ def rope(x: jax.Array, base: float) -> jax.Array:
     cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
     x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
-def layer_norm(x, w, b, eps=1e-5):
-    mu = jnp.mean(x, -1, keepdims=True)
-    xc = x - mu
-    var = jnp.mean(xc * xc, -1, keepdims=True)
-    return xc * jax.lax.rsqrt(var + eps) * w + b
 
 
 class _Weights(nnx.Module):
@@ -222,14 +216,14 @@ class Transformer:
         x = p["embed"]["W_E"][tokens]
         if self.feature_dim:
             feats = batch["features"]
-            fx = feats if cfg.input_proj == "identity" else feats @ p["embed"]["W_in"] + p["embed"]["b_in"]
+            fx = feats if cfg.input_proj == "identity" else dense(feats, p["embed"]["W_in"]) + p["embed"]["b_in"]
             x = jnp.where(batch["is_feature"][..., None], fx, x)
         x = hooks("hook_embed", x)
         t = tokens.shape[1]
         if "W_pos" in p.get("pos_embed", {}):
             pe = hooks("hook_pos_embed", jnp.broadcast_to(p["pos_embed"]["W_pos"][:t], x.shape))
             x = x + pe
-        causal = jnp.tril(jnp.ones((t, t), bool))
+        causal = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -jnp.inf)  # added to the scores
         for layer in range(cfg.n_layers):
             b, a = f"blocks.{layer}", p["blocks"][str(layer)]["attn"]
             x = hooks(f"{b}.hook_resid_pre", x)
@@ -237,17 +231,23 @@ class Transformer:
             if cfg.layernorm:
                 ln = p["blocks"][str(layer)]["ln1"]
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
-            q, k, v = _qkv(xin, a, cfg.bias)
-            q, k, v = (hooks(f"{b}.attn.hook_{s}", y) for s, y in (("q", q), ("k", k), ("v", v)))
-            if cfg.positions == "rope":
-                q = hooks(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base))
-                k = hooks(f"{b}.attn.hook_rot_k", rope(k, cfg.rope_base))
-            scores = jnp.einsum("bqhe,bkhe->bhqk", q, k)
-            if cfg.attn_scale:
-                scores = scores / math.sqrt(cfg.head_dim)
-            scores = hooks(f"{b}.attn.hook_attn_scores", jnp.where(causal, scores, -jnp.inf))
-            pattern = hooks(f"{b}.attn.hook_pattern", jax.nn.softmax(scores, axis=-1))
-            z = hooks(f"{b}.attn.hook_z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
+            scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
+            qh, kh, vh = _qkv(xin, a, cfg.bias)  # [batch, head, pos, d_head]
+            tl_sites = [f"{b}.attn.hook_{s}" for s in ("q", "k", "v", "rot_q", "rot_k")]
+            if cfg.positions == "rope" or any(hooks.wants(n) for n in tl_sites):
+                # TransformerLens's layout [batch, pos, head, d_head] at the q/k/v sites
+                q, k, v = (hooks(f"{b}.attn.hook_{s}", y.transpose(0, 2, 1, 3))
+                           for s, y in (("q", qh), ("k", kh), ("v", vh)))
+                if cfg.positions == "rope":
+                    q = hooks(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base))
+                    k = hooks(f"{b}.attn.hook_rot_k", rope(k, cfg.rope_base))
+                qh, kh, vh = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
+            if scale != 1.0:
+                qh = qh * scale
+            scores = hooks(f"{b}.attn.hook_attn_scores", matmul_nt(qh, kh) + causal)
+            pattern = hooks(f"{b}.attn.hook_pattern", softmax(scores))
+            zh = matmul_nn(pattern, vh)
+            z = hooks(f"{b}.attn.hook_z", zh.transpose(0, 2, 1, 3))
             if not cfg.use_wo:
                 result = hooks(f"{b}.attn.hook_result", z) if hooks.wants(f"{b}.attn.hook_result") else z
                 out = result.reshape(result.shape[0], t, -1)
@@ -256,7 +256,7 @@ class Transformer:
                 out = result.sum(axis=2)
             else:  # one matmul over all heads; per-head results are computed only to be read
                 h, e = z.shape[2], z.shape[3]
-                out = z.reshape(*z.shape[:2], h * e) @ a["W_O"].reshape(h * e, -1)
+                out = dense(z.reshape(*z.shape[:2], h * e), a["W_O"].reshape(h * e, -1))
                 if hooks.wants(f"{b}.attn.hook_result"):
                     hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
             if cfg.use_wo and cfg.bias:
@@ -269,8 +269,8 @@ class Transformer:
             x = hooks("ln_final.hook_normalized", layer_norm(x, p["ln_final"]["w"], p["ln_final"]["b"]))
         if cfg.mlp_head:
             for i in range(cfg.mlp_layers):
-                x = jax.nn.relu(x @ p["mlp"][f"W_{i}"] + p["mlp"][f"b_{i}"])
-        logits = x @ p["unembed"]["W_U"] + p["unembed"]["b_U"]
+                x = jax.nn.relu(dense(x, p["mlp"][f"W_{i}"]) + p["mlp"][f"b_{i}"])
+        logits = dense(x, p["unembed"]["W_U"]) + p["unembed"]["b_U"]
         return hooks("logits", logits)
 
     def run_with_cache(self, params: dict, batch: dict, names=None) -> tuple[jax.Array, dict]:
@@ -281,15 +281,16 @@ class Transformer:
 
 
 def _qkv(x, a, bias: bool):
-    """Q, K and V of every head [batch, pos, head, d_head] from one matmul (XLA on the CPU is slow on
-    many small per-head matmuls; one wide one keeps it near its matmul peak)."""
+    """Q, K and V of every head, [batch, head, pos, d_head] each, from one matmul (XLA on the CPU is slow
+    on many small per-head matmuls; one wide one keeps it near its matmul peak). The head-major layout
+    is the one the attention's batched matmuls read; lax.split's backward pass is one concatenation."""
     w = jnp.concatenate([a["W_Q"], a["W_K"], a["W_V"]], axis=0)  # [3h, d, e]
     h3, d, e = w.shape
-    y = (x @ w.transpose(1, 0, 2).reshape(d, h3 * e)).reshape(*x.shape[:-1], h3, e)
+    y = dense(x, w.transpose(1, 0, 2).reshape(d, h3 * e)).reshape(*x.shape[:-1], h3, e)
     if bias:
         y = y + jnp.concatenate([a["b_Q"], a["b_K"], a["b_V"]], axis=0)
-    h = h3 // 3
-    return y[..., :h, :], y[..., h:2 * h, :], y[..., 2 * h:, :]
+    y = jnp.moveaxis(y, -2, -3)  # [batch, 3h, pos, d_head]
+    return jax.lax.split(y, (h3 // 3,) * 3, axis=-3)
 
 
 def build_model(cfg: ModelConfig, task, seed: int) -> Transformer:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lab import kernels
 from lab.clamp import ClampSet
 from lab.errors import LabError, check
 from lab.hooks import NO_HOOKS, Hooks
@@ -80,10 +81,8 @@ def schedule(total: int, every: int, log_points: int, include_zero: bool = True)
 
 
 def masked_nll(logits: jax.Array, batch: dict) -> jax.Array:
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    m = batch["loss_mask"]
-    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+    """The training loss: mean cross-entropy over the batch's ``loss_mask``."""
+    return kernels.masked_nll(logits.astype(jnp.float32), batch["targets"], batch["loss_mask"])
 
 
 class Trainer:
