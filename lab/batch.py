@@ -1,12 +1,15 @@
-"""Many runs as one program: seeds x clamp conditions, vmapped.
+"""Many runs as one program: seeds x clamp conditions x learning rates, vmapped.
 
 The models are tiny, so one run leaves most of a machine idle. ``trainer.seeds=[0,1,2]`` (or
-``trainer.num_seeds=N``) and ``conditions=[none,prev_token,...]`` (clamp presets) expand into one
-run per (condition, seed). They share every shape, so they train as one jitted, vmapped program:
+``trainer.num_seeds=N``), ``conditions=[none,prev_token,...]`` (clamp presets) and
+``optim.lrs=[1e-4,3e-4]`` expand into one run per (condition, learning rate, seed). They share every
+shape, so they train as one jitted, vmapped program:
 
 - each run's state is stacked on a leading axis (parameters from its own seed, its own data key);
 - the clamps of all conditions form one clamp set, and each run switches on only its own through
   ``gates`` (data), so different conditions are different numbers, not different programs;
+- each run's learning rate is a number in its state (``lr``), and the optimiser (its schedule,
+  warmup and decay included) is built inside the step at that rate;
 - each run still gets its own run directory, written exactly as if it had trained alone:
   ``config.yaml`` (a solo config, so ``lab resume`` / ``fork`` / ``replay`` work on it),
   ``metrics.jsonl``, checkpoints (a solo run's state), summary, curves and wandb run.
@@ -40,15 +43,23 @@ def seeds_of(cfg) -> list[int]:
     return [int(s) for s in tc.seeds] if tc.seeds is not None else [cfg.seed + k for k in range(tc.num_seeds)]
 
 
+def lrs_of(cfg) -> list[float | None]:
+    return [float(x) for x in cfg.optim.lrs] if cfg.optim.lrs is not None else [None]
+
+
 def is_batch(cfg) -> bool:
-    return bool(cfg.conditions) or len(seeds_of(cfg)) > 1
+    return bool(cfg.conditions) or len(seeds_of(cfg)) > 1 or cfg.optim.lrs is not None
 
 
 def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
-    """One solo (cfg, node, overrides, label) per (condition, seed), in condition-major order."""
+    """One solo (cfg, node, overrides, label) per (condition, learning rate, seed), in that order. The label
+    names the condition (and the rate, when ``optim.lrs`` is given): the runs that differ only in seed."""
     from lab.config import load_config
 
-    batch_keys = ("trainer.seeds=", "trainer.num_seeds=", "conditions=", "run.dir=", "seed=", "clamp=")
+    batch_keys = ("trainer.seeds=", "trainer.num_seeds=", "conditions=", "run.dir=", "seed=", "clamp=",
+                  "optim.lrs=")
+    if cfg.optim.lrs is not None:
+        batch_keys += ("optim.lr=",)
     base = [o for o in overrides if not o.lstrip("+~").startswith(batch_keys)]
     conds = list(cfg.conditions) or [None]
     if len(set(conds)) != len(conds):
@@ -56,11 +67,14 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
     runs = []
     for cond in conds:
         extra = [f"clamp={cond}"] if cond is not None else [o for o in overrides if o.startswith("clamp=")]
-        for seed in seeds_of(cfg):
-            ov = base + extra + [f"seed={seed}"]
-            c, n = load_config(ov + ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]"])
-            label = cond if cond is not None else ("+".join(c.clamps) or "none")
-            runs.append({"cfg": c, "node": n, "overrides": ov, "label": label, "seed": seed})
+        for lr in lrs_of(cfg):
+            for seed in seeds_of(cfg):
+                ov = base + extra + ([f"optim.lr={lr!r}"] if lr is not None else []) + [f"seed={seed}"]
+                c, n = load_config(ov + ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]", "optim.lrs=null"])
+                label = cond if cond is not None else ("+".join(c.clamps) or "none")
+                if lr is not None:
+                    label += f"-lr{lr:g}"
+                runs.append({"cfg": c, "node": n, "overrides": ov, "label": label, "seed": seed})
     return runs
 
 
@@ -77,6 +91,11 @@ class BatchTrainer(Trainer):
                 conds.append(key)
             self.cond_of.append(conds.index(key))
         self.conds = [dict(cfgs[self.cond_of.index(i)].clamps) for i in range(len(conds))]
+        rates = [c.optim.lr for c in cfgs]
+        for c in cfgs:
+            if dataclasses.replace(c.optim, lr=0.0) != dataclasses.replace(cfgs[0].optim, lr=0.0):
+                raise LabError(f"optim: batched runs may differ in optim.lr only, got {c.optim} and {cfgs[0].optim}")
+        self.own_lr = len(set(rates)) > 1  # each run's rate is data in its state
         # the union of every condition's clamps, each renamed NAME@CONDITION and gated per run
         union = {f"{n}@{i}": spec for i, cl in enumerate(self.conds) for n, spec in cl.items()}
         super().__init__(dataclasses.replace(cfgs[0], clamps=union))
@@ -97,6 +116,8 @@ class BatchTrainer(Trainer):
                                "which batched runs cannot hold apart; train these seeds as separate runs "
                                "(lab train -m seed=...)")
             st = super().init_state(m.params(), c.seed)
+            if self.own_lr:
+                st["lr"] = jnp.float32(c.optim.lr)
             if self.clamps:
                 st["gates"] = {n: jnp.float32(n.rsplit("@", 1)[1] == str(ci)) for n in self.cfg.clamps}
             states.append(st)
@@ -117,6 +138,7 @@ class BatchTrainer(Trainer):
     def run_state(self, state, i: int) -> dict:
         one = jax.tree_util.tree_map(lambda a: a[i], state)
         one.pop("gates", None)
+        one.pop("lr", None)
         if "frozen" in one:  # back to the run's own clamp names, as its solo program keeps them
             suffix = f"@{self.cond_of[i]}"
             one["frozen"] = {n[: -len(suffix)]: v for n, v in one["frozen"].items() if n.endswith(suffix)}
@@ -206,7 +228,7 @@ def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False
     for r in runs:
         _write_config(r["dir"], r["node"], r["overrides"], extra={"batch": str(root)})
     index = {"experiment": cfg.experiment, "overrides": list(overrides), "conditions": list(cfg.conditions) or None,
-             "seeds": seeds_of(cfg), "memory_bytes": mem["bytes"], "device": str(jax.devices()[0].device_kind),
+             "seeds": seeds_of(cfg), "lrs": cfg.optim.lrs and [float(x) for x in cfg.optim.lrs], "memory_bytes": mem["bytes"], "device": str(jax.devices()[0].device_kind),
              "runs": [{"dir": r["dir"].name, "condition": r["label"], "seed": r["seed"]} for r in runs]}
     (root / "batch.json").write_text(json.dumps(index, indent=2))
     if not quiet:

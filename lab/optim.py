@@ -28,6 +28,8 @@ class OptimConfig:
     warmup_steps: int = 0
     end_lr_frac: float = 0.0  # cosine / linear decay ends at lr * end_lr_frac
     clip_norm: float | None = None  # clip the global gradient norm
+    # several learning rates trained side by side as one vmapped program (lab.batch), one run dir each
+    lrs: list[float] | None = None
 
     def validate(self) -> None:
         check(self.name in OPTIMIZERS, "optim.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
@@ -39,24 +41,32 @@ class OptimConfig:
         check(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
         check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.clip_norm is None or self.clip_norm > 0, "optim.clip_norm", self.clip_norm, "must be > 0 or null")
+        if self.lrs is not None:
+            check(len(self.lrs) >= 1 and all(float(x) > 0 for x in self.lrs), "optim.lrs", self.lrs,
+                  "a non-empty list of learning rates > 0")
+            check(len(set(self.lrs)) == len(self.lrs), "optim.lrs", self.lrs, "learning rates must be distinct")
 
 
-def learning_rate(cfg: OptimConfig, total_steps: int):
+def learning_rate(cfg: OptimConfig, total_steps: int, peak=None):
+    """The schedule of cfg; ``peak`` replaces cfg.lr (a traced per-run value when runs are batched)."""
+    top = cfg.lr if peak is None else peak
     decay = max(total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "constant":
-        main = optax.constant_schedule(cfg.lr)
+        main = optax.constant_schedule(top)
     elif cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(cfg.lr, decay, alpha=cfg.end_lr_frac)
+        main = optax.cosine_decay_schedule(top, decay, alpha=cfg.end_lr_frac)
     else:
-        main = optax.linear_schedule(cfg.lr, cfg.lr * cfg.end_lr_frac, decay)
+        main = optax.linear_schedule(top, top * cfg.end_lr_frac, decay)
     if cfg.warmup_steps:
-        warm = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+        warm = optax.linear_schedule(0.0, top, cfg.warmup_steps)
         return optax.join_schedules([warm, main], [cfg.warmup_steps])
     return main
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, frozen_mask=None) -> optax.GradientTransformation:
-    lr = learning_rate(cfg, total_steps)
+def make_optimizer(cfg: OptimConfig, total_steps: int, frozen_mask=None, lr=None) -> optax.GradientTransformation:
+    """The optimiser of cfg. ``lr``: a learning rate that replaces cfg.lr, possibly traced: batched runs
+    build their optimiser inside the step with their own rate, so rates are data, not programs."""
+    lr = learning_rate(cfg, total_steps, lr)
     if cfg.name == "sgd":
         base = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
         if cfg.weight_decay:

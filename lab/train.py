@@ -97,6 +97,8 @@ class Trainer:
         frozen = self.model.frozen_mask(self.model.params())
         any_frozen = any(jax.tree_util.tree_leaves(frozen))
         self.opt = make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None)
+        # batched runs with their own learning rates (state["lr"]): the same optimiser at a traced rate
+        self.opt_at = lambda lr: make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None, lr=lr)
         self.clamps = ClampSet(getattr(cfg, "clamps", None) or {}, self.model, self.task)
         trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
         self.measures = Measures(cfg.measures, self.model, self.task, loss_fn=self.loss, batch_size=tc.batch_size,
@@ -148,7 +150,8 @@ class Trainer:
         batch = self.batch_at(state["key"], step)
         loss, grads = jax.value_and_grad(self.clamped_loss)(state["params"], batch, step, new.get("frozen"),
                                                            state.get("gates"))
-        updates, opt_state = self.opt.update(grads, state["opt_state"], state["params"])
+        opt = self.opt if "lr" not in state else self.opt_at(state["lr"])
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         gnorm = optax.global_norm(grads)
         ratio = optax.global_norm(updates) / jnp.maximum(optax.global_norm(state["params"]), 1e-12)

@@ -14,6 +14,15 @@ from tests.conftest import lab_cmd
 BATCH = ["trainer.seeds=[0,3]", "conditions=[none,prev_token]"]
 
 
+def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
+    """Two runs' metrics.jsonl rows: the same steps, the same metrics, equal values to float tolerance."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        keys = [k for k in rb if not k.startswith("perf/")]
+        assert sorted(keys) == sorted(k for k in ra if not k.startswith("perf/"))
+        np.testing.assert_allclose([ra[k] for k in keys], [rb[k] for k in keys], rtol=2e-4, atol=2e-5)
+
+
 def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
     ov = tiny + BATCH + [f"run.dir={tmp_path / 'b'}", "tracking.wandb.mode=offline"]
     cfg, node = load_config(ov)
@@ -29,11 +38,7 @@ def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
     c2, n2 = load_config(solo_ov)
     solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
     a, b = read_metrics(root / "prev_token-s3" / "metrics.jsonl"), read_metrics(solo / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        keys = [k for k in rb if not k.startswith("perf/")]
-        assert sorted(keys) == sorted(k for k in ra if not k.startswith("perf/"))
-        np.testing.assert_allclose([ra[k] for k in keys], [rb[k] for k in keys], rtol=2e-4, atol=2e-5)
+    assert_same_metrics(a, b)
     sa = json.loads((root / "prev_token-s3" / "summary.json").read_text())
     sb = json.loads((solo / "summary.json").read_text())
     assert sa["condition"] == sb["condition"] == "prev_token" and sa["seed"] == 3
@@ -58,3 +63,40 @@ def test_a_batch_that_does_not_fit_is_refused_before_anything_is_written(tiny, t
     assert line.startswith("error: trainer.seeds: 4 runs need") and "at most 0 fit" in line, line
     assert "Traceback" not in p.stderr
     assert not out.exists()
+
+
+def test_learning_rates_batch_as_data_and_each_run_equals_its_solo_run(tiny, tmp_path):
+    # a warmup + cosine schedule, so the per-run rate has to reach every part of the schedule
+    sched = ["optim.schedule=cosine", "optim.warmup_steps=10", "optim.end_lr_frac=0.1"]
+    ov = tiny + sched + ["optim.lrs=[1e-3,1e-2]", "trainer.seeds=[0,1]", f"run.dir={tmp_path / 'b'}"]
+    cfg, node = load_config(ov)
+    root = train_batch(cfg, node, ov, quiet=True)
+    index = json.loads((root / "batch.json").read_text())
+    assert index["lrs"] == [1e-3, 1e-2]
+    assert [r["dir"] for r in index["runs"]] == ["none-lr0.001-s0", "none-lr0.001-s1", "none-lr0.01-s0",
+                                                 "none-lr0.01-s1"]
+    solo_ov = tiny + sched + ["optim.lr=1e-2", "seed=1", f"run.dir={tmp_path / 'solo'}"]
+    c2, n2 = load_config(solo_ov)
+    solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
+    a, b = read_metrics(root / "none-lr0.01-s1" / "metrics.jsonl"), read_metrics(solo / "metrics.jsonl")
+    assert_same_metrics(a, b)
+    # the run directory is a solo run at its own rate
+    run_cfg = (root / "none-lr0.01-s1" / "config.yaml").read_text()
+    assert "lr: 0.01" in run_cfg and "lrs: null" in run_cfg
+    # the two rates train differently (same seed)
+    slow = read_metrics(root / "none-lr0.001-s1" / "metrics.jsonl")[-1]["train/loss"]
+    assert abs(slow - a[-1]["train/loss"]) > 1e-3
+
+
+def test_batched_runs_must_share_the_optimiser_but_for_its_rate(tiny):
+    from lab.batch import BatchTrainer
+    from lab.errors import LabError
+
+    c0 = load_config(tiny)[0]
+    c1 = load_config(tiny + ["optim.b2=0.99"])[0]
+    try:
+        BatchTrainer([c0, c1])
+    except LabError as e:
+        assert str(e).startswith("optim: batched runs may differ in optim.lr only")
+    else:
+        raise AssertionError("a batch with two optimisers was accepted")
