@@ -187,21 +187,27 @@ def bench_models(seconds: float, peak: float) -> dict:
     return out
 
 
-def bench_transformerlens(seconds: float, lab_sps: float | None) -> dict:
+def bench_transformerlens(seconds: float) -> dict:
+    """The TransformerLens loop in its own environment, bracketed by the lab's olsson_repeat step measured
+    just before and just after it (the machine's speed drifts; the ratio uses their mean)."""
     py = ROOT / ".venv-tl" / "bin" / "python"
     if not py.exists():
         print("  skipped: no TransformerLens environment (make bench-tl-env)", file=sys.stderr)
         return {"skipped": "no .venv-tl (make bench-tl-env)"}
+    cfg, _ = load_config(["experiment=olsson_repeat", *QUIET])
+    tr = Trainer(cfg)
+    before, state = steady(tr, seconds)
     p = subprocess.run([str(py), str(ROOT / "bench" / "tl_loop.py"), str(2 * seconds)], capture_output=True, text=True)
     if p.returncode != 0:
         msg = (p.stderr.strip().splitlines() or ["failed"])[-1]
         print(f"  failed: {msg}", file=sys.stderr)
         return {"failed": msg}
+    after, _ = steady(tr, seconds, state)
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    if lab_sps:
-        r["lab_over_transformerlens"] = lab_sps / r["steps_per_sec"]
-    print(f"  olsson_repeat  TransformerLens {r['steps_per_sec']:.1f} steps/s (torch {r['torch']}); "
-          f"lab/TL x{r.get('lab_over_transformerlens', float('nan')):.2f}", file=sys.stderr)
+    r["lab_steps_per_sec"] = (before + after) / 2
+    r["lab_over_transformerlens"] = r["lab_steps_per_sec"] / r["steps_per_sec"]
+    print(f"  olsson_repeat  TransformerLens {r['steps_per_sec']:.1f} steps/s (torch {r['torch']}); lab "
+          f"{before:.1f} before, {after:.1f} after: lab/TL x{r['lab_over_transformerlens']:.2f}", file=sys.stderr)
     return r
 
 
@@ -293,8 +299,7 @@ def main():
         results["models"] = bench_models(seconds, peak)
     if "transformerlens" in wanted:
         print("transformerlens (olsson_repeat model, torch CPU):", file=sys.stderr)
-        lab_sps = results.get("models", {}).get("olsson_repeat", {}).get("steps_per_sec")
-        results["transformerlens"] = bench_transformerlens(seconds, lab_sps)
+        results["transformerlens"] = bench_transformerlens(seconds)
     if "vmapped" in wanted:
         print("vmapped runs (one program):", file=sys.stderr)
         results["vmapped"] = {
