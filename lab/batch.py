@@ -70,7 +70,8 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
         for lr in lrs_of(cfg):
             for seed in seeds_of(cfg):
                 ov = base + extra + ([f"optim.lr={lr!r}"] if lr is not None else []) + [f"seed={seed}"]
-                c, n = load_config(ov + ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]", "optim.lrs=null"])
+                solo = ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]", "optim.lrs=null"]
+                c, n = load_config(ov + solo)
                 label = cond if cond is not None else ("+".join(c.clamps) or "none")
                 if lr is not None:
                     label += f"-lr{lr:g}"
@@ -228,7 +229,8 @@ def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False
     for r in runs:
         _write_config(r["dir"], r["node"], r["overrides"], extra={"batch": str(root)})
     index = {"experiment": cfg.experiment, "overrides": list(overrides), "conditions": list(cfg.conditions) or None,
-             "seeds": seeds_of(cfg), "lrs": cfg.optim.lrs and [float(x) for x in cfg.optim.lrs], "memory_bytes": mem["bytes"], "device": str(jax.devices()[0].device_kind),
+             "seeds": seeds_of(cfg), "lrs": cfg.optim.lrs and [float(x) for x in cfg.optim.lrs],
+             "memory_bytes": mem["bytes"], "device": str(jax.devices()[0].device_kind),
              "runs": [{"dir": r["dir"].name, "condition": r["label"], "seed": r["seed"]} for r in runs]}
     (root / "batch.json").write_text(json.dumps(index, indent=2))
     if not quiet:

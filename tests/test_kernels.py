@@ -48,7 +48,7 @@ def test_kernel_values_and_gradients(name, vmapped):
     np.testing.assert_allclose(fast(*xs), plain(*xs), rtol=1e-5, atol=1e-6)
     g_fast = jax.grad(lambda *a: jnp.sum(fast(*a) * cot), argnums=tuple(range(len(xs))))(*xs)
     g_plain = jax.grad(lambda *a: jnp.sum(plain(*a) * cot), argnums=tuple(range(len(xs))))(*xs)
-    for gf, gp in zip(g_fast, g_plain):
+    for gf, gp in zip(g_fast, g_plain, strict=True):
         assert np.all(np.isfinite(gf))
         np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-5)
 
@@ -76,4 +76,5 @@ def test_masked_nll_value_and_gradient(mask_kind):
         assert not np.any(np.asarray(gf))
     # a gradient step lowers the loss: the sign is right, not only the size
     if mask_kind != "none":
-        assert float(kernels.masked_nll(logits - 0.1 * gf, targets, mask)) < float(kernels.masked_nll(logits, targets, mask))
+        before = float(kernels.masked_nll(logits, targets, mask))
+        assert float(kernels.masked_nll(logits - 0.1 * gf, targets, mask)) < before
