@@ -45,6 +45,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
     def save(self, step: int, state, config: dict | None = None) -> None:
+        """Save ``state`` as checkpoint ``step``. A step already committed is left as it is: a run is a pure
+        function of its config, so it holds this very state (a run resumed from its step-0 checkpoint
+        reaches step 0's save again)."""
+        if step in self.manager.all_steps():
+            return
         args = {"state": ocp.args.StandardSave(state)}
         if config is not None:
             args["config"] = ocp.args.JsonSave(config)

@@ -38,16 +38,19 @@ def parent(tmp_path_factory):
     return d, Trainer(cfg).init_state()
 
 
-def test_resume_is_identical_to_uninterrupted(parent, tmp_path):
+@pytest.mark.parametrize("last", [15, 0])
+def test_resume_is_identical_to_uninterrupted(parent, tmp_path, last):
     src, like = parent
     run = tmp_path / "interrupted"
     shutil.copytree(src, run)
-    # what a run killed after its step-15 checkpoint leaves: later checkpoints gone, rows logged
-    # after the checkpoint present, no summary
-    for s in (30, 45, 60):
-        shutil.rmtree(run / "checkpoints" / str(s))
+    # what a run killed after its step-`last` checkpoint leaves: later checkpoints gone, rows logged
+    # after the checkpoint present, no summary (last=0: only the step-0 checkpoint, which resuming
+    # must not try to write again)
+    for s in (15, 30, 45, 60):
+        if s > last:
+            shutil.rmtree(run / "checkpoints" / str(s))
     (run / "summary.json").unlink()
-    assert Checkpointer(run / "checkpoints", read_only=True).steps() == [0, 15]
+    assert Checkpointer(run / "checkpoints", read_only=True).steps() == [s for s in (0, 15) if s <= last]
     resume_run(run, quiet=True)
     a, b = strip(read_metrics(src / "metrics.jsonl")), strip(read_metrics(run / "metrics.jsonl"))
     assert [r["step"] for r in b] == [0, 15, 20, 30, 40, 45, 60]  # each step exactly once
