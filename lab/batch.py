@@ -1,15 +1,17 @@
-"""Many runs as one program: seeds x clamp conditions x learning rates, vmapped.
+"""Many runs as one program: seeds x clamp conditions x learning rates x task values, vmapped.
 
 The models are tiny, so one run leaves most of a machine idle. ``trainer.seeds=[0,1,2]`` (or
-``trainer.num_seeds=N``), ``conditions=[none,prev_token,...]`` (clamp presets) and
-``optim.lrs=[1e-4,3e-4]`` expand into one run per (condition, learning rate, seed). They share every
-shape, so they train as one jitted, vmapped program:
+``trainer.num_seeds=N``), ``conditions=[none,prev_token,...]`` (clamp presets), ``optim.lrs=[1e-4,3e-4]``
+and ``+task_values.p_C=[0,0.8]`` (a task's data fields) expand into one run per (condition, task values,
+learning rate, seed). They share every shape, so they train as one jitted, vmapped program:
 
 - each run's state is stacked on a leading axis (parameters from its own seed, its own data key);
 - the clamps of all conditions form one clamp set, and each run switches on only its own through
   ``gates`` (data), so different conditions are different numbers, not different programs;
 - each run's learning rate is a number in its state (``lr``), and the optimiser (its schedule,
   warmup and decay included) is built inside the step at that rate;
+- each run's task data fields are numbers in its state (``task``) that the sampler reads; evaluation
+  sets that depend on them are stacked per run;
 - each run still gets its own run directory, written exactly as if it had trained alone:
   ``config.yaml`` (a solo config, so ``lab resume`` / ``fork`` / ``replay`` work on it),
   ``metrics.jsonl``, checkpoints (a solo run's state), summary, curves and wandb run.
@@ -22,6 +24,7 @@ accounting); a batch that would not fit the device's free memory is refused with
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -47,19 +50,28 @@ def lrs_of(cfg) -> list[float | None]:
     return [float(x) for x in cfg.optim.lrs] if cfg.optim.lrs is not None else [None]
 
 
+def task_points_of(cfg) -> list[dict]:
+    """Every combination of the ``task_values`` grid, as {field: value} ([{}] without one)."""
+    names = list(cfg.task_values)
+    return [dict(zip(names, combo, strict=True))
+            for combo in itertools.product(*(list(cfg.task_values[n]) for n in names))]
+
+
 def is_batch(cfg) -> bool:
-    return bool(cfg.conditions) or len(seeds_of(cfg)) > 1 or cfg.optim.lrs is not None
+    return bool(cfg.conditions) or len(seeds_of(cfg)) > 1 or cfg.optim.lrs is not None or bool(cfg.task_values)
 
 
 def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
-    """One solo (cfg, node, overrides, label) per (condition, learning rate, seed), in that order. The label
-    names the condition (and the rate, when ``optim.lrs`` is given): the runs that differ only in seed."""
+    """One solo (cfg, node, overrides, label) per (condition, task values, learning rate, seed), in that
+    order. The label names the condition (and the task values and rate, when given): the runs that differ
+    only in seed."""
     from lab.config import load_config
 
     batch_keys = ("trainer.seeds=", "trainer.num_seeds=", "conditions=", "run.dir=", "seed=", "clamp=",
-                  "optim.lrs=")
+                  "optim.lrs=", "task_values")
     if cfg.optim.lrs is not None:
         batch_keys += ("optim.lr=",)
+    batch_keys += tuple(f"task.{n}=" for n in cfg.task_values)
     base = [o for o in overrides if not o.lstrip("+~").startswith(batch_keys)]
     conds = list(cfg.conditions) or [None]
     if len(set(conds)) != len(conds):
@@ -67,15 +79,18 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
     runs = []
     for cond in conds:
         extra = [f"clamp={cond}"] if cond is not None else [o for o in overrides if o.startswith("clamp=")]
-        for lr in lrs_of(cfg):
-            for seed in seeds_of(cfg):
-                ov = base + extra + ([f"optim.lr={lr!r}"] if lr is not None else []) + [f"seed={seed}"]
-                solo = ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]", "optim.lrs=null"]
-                c, n = load_config(ov + solo)
-                label = cond if cond is not None else ("+".join(c.clamps) or "none")
-                if lr is not None:
-                    label += f"-lr{lr:g}"
-                runs.append({"cfg": c, "node": n, "overrides": ov, "label": label, "seed": seed})
+        for point in task_points_of(cfg):
+            for lr in lrs_of(cfg):
+                for seed in seeds_of(cfg):
+                    ov = (base + extra + [f"task.{k}={v!r}" for k, v in point.items()]
+                          + ([f"optim.lr={lr!r}"] if lr is not None else []) + [f"seed={seed}"])
+                    solo = ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]", "optim.lrs=null"]
+                    c, n = load_config(ov + solo)
+                    label = cond if cond is not None else ("+".join(c.clamps) or "none")
+                    label += "".join(f"-{k}{v:g}" for k, v in point.items())
+                    if lr is not None:
+                        label += f"-lr{lr:g}"
+                    runs.append({"cfg": c, "node": n, "overrides": ov, "label": label, "seed": seed})
     return runs
 
 
@@ -97,13 +112,44 @@ class BatchTrainer(Trainer):
             if dataclasses.replace(c.optim, lr=0.0) != dataclasses.replace(cfgs[0].optim, lr=0.0):
                 raise LabError(f"optim: batched runs may differ in optim.lr only, got {c.optim} and {cfgs[0].optim}")
         self.own_lr = len(set(rates)) > 1  # each run's rate is data in its state
+        fields = self._task_fields(cfgs)  # the task fields each run holds as data in its state
         # the union of every condition's clamps, each renamed NAME@CONDITION and gated per run
         union = {f"{n}@{i}": spec for i, cl in enumerate(self.conds) for n, spec in cl.items()}
         super().__init__(dataclasses.replace(cfgs[0], clamps=union))
         self.runs = len(cfgs)
+        self.task_data = [{f: getattr(c.task, f) for f in fields} for c in cfgs] if fields else None
+        if fields:
+            self._per_run_evals(cfgs)
         self.step_fn = jax.jit(jax.vmap(self._step), donate_argnums=0)
         self.scan_fn = jax.jit(jax.vmap(self._scan), donate_argnums=0)
         self._beval = {}
+
+    @staticmethod
+    def _task_fields(cfgs) -> list[str]:
+        """The task fields in which the runs differ; only the task's data fields may."""
+        from lab.tasks import TASKS
+
+        base = dataclasses.asdict(cfgs[0].task)
+        differ = sorted({k for c in cfgs for k, v in dataclasses.asdict(c.task).items() if v != base[k]})
+        allowed = TASKS[cfgs[0].task.name][1].data_fields
+        bad = [k for k in differ if k not in allowed]
+        if bad:
+            raise LabError(f"task.{bad[0]}: batched runs may differ only in the task's data fields "
+                           f"({', '.join(allowed) or 'none'}); train other task settings as separate runs")
+        return differ
+
+    def _per_run_evals(self, cfgs) -> None:
+        """Runs whose tasks differ in data fields may differ in their evaluation sets too (an evaluator on
+        the training mixture): those are stacked per run, the others shared."""
+        from lab.tasks import make_task
+
+        per_run = [make_task(c.task).evals for c in cfgs]
+        evals = dict(self.task.evals)
+        for name in list(evals):
+            leaves = [jax.tree_util.tree_leaves(e[name]) for e in per_run]
+            if not all(np.array_equal(a, b) for lv in leaves[1:] for a, b in zip(leaves[0], lv, strict=True)):
+                evals[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(e[name] for e in per_run))
+        self.task.__dict__["evals"] = evals  # the cached property, replaced
 
     # ---- the stacked state ----------------------------------------------------------------
     def init_state(self) -> dict:
@@ -119,6 +165,8 @@ class BatchTrainer(Trainer):
             st = super().init_state(m.params(), c.seed)
             if self.own_lr:
                 st["lr"] = jnp.float32(c.optim.lr)
+            if self.task_data:
+                st["task"] = {f: jnp.float32(v) for f, v in self.task_data[len(states)].items()}
             if self.clamps:
                 st["gates"] = {n: jnp.float32(n.rsplit("@", 1)[1] == str(ci)) for n in self.cfg.clamps}
             states.append(st)
@@ -140,6 +188,7 @@ class BatchTrainer(Trainer):
         one = jax.tree_util.tree_map(lambda a: a[i], state)
         one.pop("gates", None)
         one.pop("lr", None)
+        one.pop("task", None)
         if "frozen" in one:  # back to the run's own clamp names, as its solo program keeps them
             suffix = f"@{self.cond_of[i]}"
             one["frozen"] = {n[: -len(suffix)]: v for n, v in one["frozen"].items() if n.endswith(suffix)}
@@ -158,12 +207,13 @@ class BatchTrainer(Trainer):
 
     # ---- evaluation of every run at once ---------------------------------------------------
     def _eval_call(self, clamps, state, batch):
-        key = id(clamps)
+        per_run = batch["tokens"].ndim == 3  # an evaluation set stacked per run (see _per_run_evals)
+        key = (id(clamps), per_run)
         if key not in self._beval:
             def one(params, step, frozen, gates, batch, clamps=clamps):
                 return self._evaluate(params, batch, step, frozen, clamps=clamps, gates=gates)
 
-            self._beval[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))
+            self._beval[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0 if per_run else None)))
         return self._beval[key](state["params"], state["step"], state.get("frozen"), state.get("gates"), batch)
 
     def measure_runs(self, state, which: list[int]) -> list[dict[str, float]]:

@@ -53,11 +53,21 @@ class Config:
     clamps: dict[str, Any] = field(default_factory=dict)
     # clamp presets (configs/clamp/NAME) trained side by side with every seed, as one vmapped program
     conditions: list[str] = field(default_factory=list)
+    # task fields batched runs take as data, each with its values: `+task_values.p_C=[0,0.4,0.8]`
+    # (only the task's `data_fields`, e.g. bursty's p_B and p_C: numbers in the sampler, not shapes)
+    task_values: dict[str, Any] = field(default_factory=dict)
     watch: str | None = None  # metric whose transitions are detected (default: the task's)
     watch_threshold: float | None = None  # also report the first step the watched metric is below this
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        fields = TASKS[self.task.name][1].data_fields if getattr(self.task, "name", None) in TASKS else ()
+        for name, values in self.task_values.items():
+            check(name in fields, f"task_values.{name}", values,
+                  f"a data field of task {self.task.name}: {', '.join(fields) or 'it has none'}")
+            ok = isinstance(values, (list, tuple)) and len(values) >= 1 and len(set(values)) == len(values)
+            check(ok and all(isinstance(v, (int, float)) for v in values), f"task_values.{name}", values,
+                  "a non-empty list of distinct numbers")
         for part in (self.task, self.model, self.optim, self.trainer, self.checkpoint, self.tracking, self.measures,
                      self.cadence):
             part.validate()

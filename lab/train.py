@@ -126,8 +126,12 @@ class Trainer:
             state["frozen"] = self.clamps.init_frozen(params)
         return state
 
-    def batch_at(self, key, step) -> dict:
-        return self.task.sample(jax.random.fold_in(key, step), self.batch_size)
+    def batch_at(self, key, step, data: dict | None = None) -> dict:
+        """The training batch of ``step``; ``data``: the task's data fields of a batched run (traced)."""
+        k = jax.random.fold_in(key, step)
+        if data is None:
+            return self.task.sample(k, self.batch_size)
+        return self.task.sample(k, self.batch_size, data=data)
 
     def loss(self, params, batch, hooks: Hooks = NO_HOOKS) -> jax.Array:
         pos = self.task.query_positions if self.task.classification else ()
@@ -147,7 +151,7 @@ class Trainer:
         new = dict(state)
         if "frozen" in state:
             new["frozen"] = self.clamps.update_frozen(state["frozen"], state["params"], step)
-        batch = self.batch_at(state["key"], step)
+        batch = self.batch_at(state["key"], step, state.get("task"))
         loss, grads = jax.value_and_grad(self.clamped_loss)(state["params"], batch, step, new.get("frozen"),
                                                            state.get("gates"))
         opt = self.opt if "lr" not in state else self.opt_at(state["lr"])

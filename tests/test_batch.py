@@ -100,3 +100,37 @@ def test_batched_runs_must_share_the_optimiser_but_for_its_rate(tiny):
         assert str(e).startswith("optim: batched runs may differ in optim.lr only")
     else:
         raise AssertionError("a batch with two optimisers was accepted")
+
+
+BURSTY = ["experiment=reddy_bursty", "tracking.wandb.mode=disabled", "trainer.progress=false",
+          "trainer.steps=40", "trainer.batch_size=16", "trainer.steps_per_call=10", "trainer.eval_every=20",
+          "trainer.eval_log_points=0", "checkpoint.every=20", "checkpoint.log_points=0", "measures.names=[none]",
+          "task.K=32", "task.L=8", "task.N=4", "task.B=2", "task.eval_size=32", "model.mlp_head=32",
+          "optim.lr=0.05"]
+
+
+def test_task_values_batch_as_data_and_each_run_equals_its_solo_run(tmp_path):
+    # p_C sets the training mixture, and so the "train" evaluation set: it is held per run
+    ov = BURSTY + ["+task_values.p_C=[0.0,0.9]", "trainer.seeds=[0,1]", f"run.dir={tmp_path / 'b'}"]
+    cfg, node = load_config(ov)
+    root = train_batch(cfg, node, ov, quiet=True)
+    dirs = [r["dir"] for r in json.loads((root / "batch.json").read_text())["runs"]]
+    assert dirs == ["none-p_C0-s0", "none-p_C0-s1", "none-p_C0.9-s0", "none-p_C0.9-s1"]
+    solo_ov = BURSTY + ["task.p_C=0.9", "seed=1", f"run.dir={tmp_path / 'solo'}"]
+    c2, n2 = load_config(solo_ov)
+    solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
+    a = read_metrics(root / "none-p_C0.9-s1" / "metrics.jsonl")
+    assert_same_metrics(a, read_metrics(solo / "metrics.jsonl"))
+    assert "p_C: 0.9" in (root / "none-p_C0.9-s1" / "config.yaml").read_text()
+    # the other mixture is another training distribution: its train loss differs (same seed)
+    other = read_metrics(root / "none-p_C0-s1" / "metrics.jsonl")
+    assert abs(other[-1]["train/loss"] - a[-1]["train/loss"]) > 1e-3
+
+
+def test_task_values_accept_only_the_tasks_data_fields(capsys, tmp_path):
+    from lab import cli
+
+    rc = cli.main(["train", *BURSTY, "+task_values.K=[32,64]", f"run.dir={tmp_path / 'x'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: task_values.K=") and "p_B, p_C" in err[0], err
+    assert not (tmp_path / "x").exists()

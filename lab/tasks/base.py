@@ -64,7 +64,13 @@ class Task:
     # Whether `loss_mask` selects a handful of query positions (classification) or many tokens.
     classification: bool = False
 
+    # Config fields the training sampler can take as traced numbers (``sample(..., data={field: x})``),
+    # so batched runs that differ only in them train as one program (``task_values``, lab.batch).
+    data_fields: tuple[str, ...] = ()
+
     def sample(self, key: jax.Array, batch_size: int) -> Batch:  # pragma: no cover - abstract
+        """A training batch. Tasks with ``data_fields`` also take ``data``: those fields' values, possibly
+        traced, in place of the config's."""
         raise NotImplementedError
 
     def build_evals(self) -> dict[str, Batch]:  # pragma: no cover - abstract

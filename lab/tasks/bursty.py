@@ -98,6 +98,7 @@ class BurstyTask(Task):
     classification = True
     key_metric = "ic/acc"
     watch_metric = "ic/acc"
+    data_fields = ("p_B", "p_C")  # the training mixture: numbers in the sampler, not shapes
 
     def __init__(self, cfg: BurstyConfig):
         cfg.validate()
@@ -214,8 +215,12 @@ class BurstyTask(Task):
         keys = {name: jax.random.fold_in(key, i) for i, name in enumerate(settings)}
         return sample_evaluators(lambda k, s: self.sample_setting(k, batch_size, s), keys, settings)
 
-    def sample(self, key: jax.Array, batch_size: int) -> Batch:
-        return self.sample_with_classes(key, batch_size)[0]
+    def sample(self, key: jax.Array, batch_size: int, data: dict | None = None) -> Batch:
+        if not data:
+            return self.sample_with_classes(key, batch_size)[0]
+        p_B = 0.0 if self.cfg.B == 0 else data.get("p_B", self.p_B)  # B = 0 forces p_B = 0, as in __init__
+        setting = (p_B, data.get("p_C", float(self.cfg.p_C)), 0, self.burst)
+        return self.sample_setting(key, batch_size, setting)[0]
 
     def build_evals(self) -> dict[str, Batch]:
         size = self.cfg.eval_size
