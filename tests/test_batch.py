@@ -65,29 +65,6 @@ def test_a_batch_that_does_not_fit_is_refused_before_anything_is_written(tiny, t
     assert not out.exists()
 
 
-def test_learning_rates_batch_as_data_and_each_run_equals_its_solo_run(tiny, tmp_path):
-    # a warmup + cosine schedule, so the per-run rate has to reach every part of the schedule
-    sched = ["optim.schedule=cosine", "optim.warmup_steps=10", "optim.end_lr_frac=0.1"]
-    ov = tiny + sched + ["optim.lrs=[1e-3,1e-2]", "trainer.seeds=[0,1]", f"run.dir={tmp_path / 'b'}"]
-    cfg, node = load_config(ov)
-    root = train_batch(cfg, node, ov, quiet=True)
-    index = json.loads((root / "batch.json").read_text())
-    assert index["lrs"] == [1e-3, 1e-2]
-    assert [r["dir"] for r in index["runs"]] == ["none-lr0.001-s0", "none-lr0.001-s1", "none-lr0.01-s0",
-                                                 "none-lr0.01-s1"]
-    solo_ov = tiny + sched + ["optim.lr=1e-2", "seed=1", f"run.dir={tmp_path / 'solo'}"]
-    c2, n2 = load_config(solo_ov)
-    solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
-    a, b = read_metrics(root / "none-lr0.01-s1" / "metrics.jsonl"), read_metrics(solo / "metrics.jsonl")
-    assert_same_metrics(a, b)
-    # the run directory is a solo run at its own rate
-    run_cfg = (root / "none-lr0.01-s1" / "config.yaml").read_text()
-    assert "lr: 0.01" in run_cfg and "lrs: null" in run_cfg
-    # the two rates train differently (same seed)
-    slow = read_metrics(root / "none-lr0.001-s1" / "metrics.jsonl")[-1]["train/loss"]
-    assert abs(slow - a[-1]["train/loss"]) > 1e-3
-
-
 def test_batched_runs_must_share_the_optimiser_but_for_its_rate(tiny):
     from lab.batch import BatchTrainer
     from lab.errors import LabError
@@ -109,22 +86,29 @@ BURSTY = ["experiment=reddy_bursty", "tracking.wandb.mode=disabled", "trainer.pr
           "optim.lr=0.05"]
 
 
-def test_task_values_batch_as_data_and_each_run_equals_its_solo_run(tmp_path):
-    # p_C sets the training mixture, and so the "train" evaluation set: it is held per run
-    ov = BURSTY + ["+task_values.p_C=[0.0,0.9]", "trainer.seeds=[0,1]", f"run.dir={tmp_path / 'b'}"]
+def test_task_values_and_learning_rates_batch_as_data_and_each_run_equals_its_solo_run(tmp_path):
+    # p_C sets the training mixture, and so the "train" evaluation set: it is held per run. A warmup +
+    # cosine schedule, so the per-run rate has to reach every part of the schedule.
+    sched = ["optim.schedule=cosine", "optim.warmup_steps=10", "optim.end_lr_frac=0.1"]
+    ov = BURSTY + sched + ["+task_values.p_C=[0.0,0.9]", "optim.lrs=[0.05,0.02]", "trainer.seeds=[1]",
+                           f"run.dir={tmp_path / 'b'}"]
     cfg, node = load_config(ov)
     root = train_batch(cfg, node, ov, quiet=True)
-    dirs = [r["dir"] for r in json.loads((root / "batch.json").read_text())["runs"]]
-    assert dirs == ["none-p_C0-s0", "none-p_C0-s1", "none-p_C0.9-s0", "none-p_C0.9-s1"]
-    solo_ov = BURSTY + ["task.p_C=0.9", "seed=1", f"run.dir={tmp_path / 'solo'}"]
+    index = json.loads((root / "batch.json").read_text())
+    assert index["lrs"] == [0.05, 0.02]
+    assert [r["dir"] for r in index["runs"]] == ["none-p_C0-lr0.05-s1", "none-p_C0-lr0.02-s1",
+                                                 "none-p_C0.9-lr0.05-s1", "none-p_C0.9-lr0.02-s1"]
+    solo_ov = BURSTY + sched + ["task.p_C=0.9", "optim.lr=0.02", "seed=1", f"run.dir={tmp_path / 'solo'}"]
     c2, n2 = load_config(solo_ov)
     solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
-    a = read_metrics(root / "none-p_C0.9-s1" / "metrics.jsonl")
+    a = read_metrics(root / "none-p_C0.9-lr0.02-s1" / "metrics.jsonl")
     assert_same_metrics(a, read_metrics(solo / "metrics.jsonl"))
-    assert "p_C: 0.9" in (root / "none-p_C0.9-s1" / "config.yaml").read_text()
-    # the other mixture is another training distribution: its train loss differs (same seed)
-    other = read_metrics(root / "none-p_C0-s1" / "metrics.jsonl")
-    assert abs(other[-1]["train/loss"] - a[-1]["train/loss"]) > 1e-3
+    run_cfg = (root / "none-p_C0.9-lr0.02-s1" / "config.yaml").read_text()
+    assert "p_C: 0.9" in run_cfg and "lr: 0.02" in run_cfg and "lrs: null" in run_cfg
+    # the other mixture and the other rate train differently (same seed)
+    final = {r["dir"]: read_metrics(root / r["dir"] / "metrics.jsonl")[-1]["train/loss"] for r in index["runs"]}
+    assert abs(final["none-p_C0-lr0.02-s1"] - final["none-p_C0.9-lr0.02-s1"]) > 1e-3
+    assert abs(final["none-p_C0.9-lr0.05-s1"] - final["none-p_C0.9-lr0.02-s1"]) > 1e-3
 
 
 def test_task_values_accept_only_the_tasks_data_fields(capsys, tmp_path):
