@@ -27,7 +27,8 @@ def _swap_last(x):
 # ---- the attention's batched matmuls, [..., m, k] arrays ------------------------------------------
 @jax.custom_vjp
 def matmul_nt(a, b):
-    """a @ b^T: [..., m, k] x [..., n, k] -> [..., m, n] (attention scores from queries and keys)."""
+    """a @ b^T: [..., m, k] x [..., n, k] -> [..., m, n] (attention scores from queries and keys). As a
+    differentiated function a and b share their leading axes (the backward pass does not sum broadcasts)."""
     return jnp.einsum("...mk,...nk->...mn", a, b)
 
 
@@ -41,7 +42,8 @@ matmul_nt.defvjp(lambda a, b: (matmul_nt(a, b), (a, b)), _nt_bwd)
 
 @jax.custom_vjp
 def matmul_nn(a, b):
-    """a @ b: [..., m, k] x [..., k, n] -> [..., m, n] (attention pattern times values)."""
+    """a @ b: [..., m, k] x [..., k, n] -> [..., m, n] (attention pattern times values); a and b share their
+    leading axes."""
     return jnp.einsum("...mk,...kn->...mn", a, b)
 
 
@@ -112,8 +114,8 @@ _layer_norm.defvjp(_ln_fwd, _ln_bwd)
 @jax.custom_vjp
 def masked_nll(logits, targets, mask):
     """Mean over ``mask`` of -log softmax(logits)[target]: logits [..., n] (float32), targets (int) and
-    mask [...].
-    The backward pass is (softmax - onehot(target)) * mask / sum(mask), one pass over the logits."""
+    mask [...]. The backward pass is (softmax - onehot(target)) * mask / sum(mask), one pass over the
+    logits; targets and mask get no gradient (they are data)."""
     return _nll_fwd(logits, targets, mask)[0]
 
 
