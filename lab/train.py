@@ -96,9 +96,9 @@ class Trainer:
         self.batch_size, self.chunk = tc.batch_size, tc.steps_per_call
         frozen = self.model.frozen_mask(self.model.params())
         any_frozen = any(jax.tree_util.tree_leaves(frozen))
-        self.opt = make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None)
-        # batched runs with their own learning rates (state["lr"]): the same optimiser at a traced rate
+        # the optimiser at a rate: cfg's (None), or a batched run's own (state["lr"], traced)
         self.opt_at = lambda lr: make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None, lr=lr)
+        self.opt = self.opt_at(None)
         self.clamps = ClampSet(getattr(cfg, "clamps", None) or {}, self.model, self.task)
         trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
         self.measures = Measures(cfg.measures, self.model, self.task, loss_fn=self.loss, batch_size=tc.batch_size,
