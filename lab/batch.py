@@ -10,8 +10,9 @@ learning rate, seed). They share every shape, so they train as one jitted, vmapp
   ``gates`` (data), so different conditions are different numbers, not different programs;
 - each run's learning rate is a number in its state (``lr``), and the optimiser (its schedule,
   warmup and decay included) is built inside the step at that rate;
-- each run's task data fields are numbers in its state (``task``) that the sampler reads; evaluation
-  sets that depend on them are stacked per run;
+- each run's task data fields are in its state (``task``, what ``Task.run_data`` makes of them: numbers,
+  or tables such as a class law) and the sampler reads them; evaluation sets that depend on them are
+  stacked per run;
 - each run still gets its own run directory, written exactly as if it had trained alone:
   ``config.yaml`` (a solo config, so ``lab resume`` / ``fork`` / ``replay`` work on it),
   ``metrics.jsonl``, checkpoints (a solo run's state), summary, curves and wandb run.
@@ -166,7 +167,7 @@ class BatchTrainer(Trainer):
             if self.own_lr:
                 st["lr"] = jnp.float32(c.optim.lr)
             if self.task_data:
-                st["task"] = {f: jnp.float32(v) for f, v in self.task_data[len(states)].items()}
+                st["task"] = self.task.run_data(self.task_data[len(states)])
             if self.clamps:
                 st["gates"] = {n: jnp.float32(n.rsplit("@", 1)[1] == str(ci)) for n in self.cfg.clamps}
             states.append(st)

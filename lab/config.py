@@ -54,7 +54,7 @@ class Config:
     # clamp presets (configs/clamp/NAME) trained side by side with every seed, as one vmapped program
     conditions: list[str] = field(default_factory=list)
     # task fields batched runs take as data, each with its values: `+task_values.p_C=[0,0.4,0.8]`
-    # (only the task's `data_fields`, e.g. bursty's p_B and p_C: numbers in the sampler, not shapes)
+    # (only the task's `data_fields`, e.g. bursty's p_B, p_C, alpha, eps: numbers in the sampler, not shapes)
     task_values: dict[str, Any] = field(default_factory=dict)
     watch: str | None = None  # metric whose transitions are detected (default: the task's)
     watch_threshold: float | None = None  # also report the first step the watched metric is below this

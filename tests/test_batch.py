@@ -90,25 +90,45 @@ def test_task_values_and_learning_rates_batch_as_data_and_each_run_equals_its_so
     # p_C sets the training mixture, and so the "train" evaluation set: it is held per run. A warmup +
     # cosine schedule, so the per-run rate has to reach every part of the schedule.
     sched = ["optim.schedule=cosine", "optim.warmup_steps=10", "optim.end_lr_frac=0.1"]
-    ov = BURSTY + sched + ["+task_values.p_C=[0.0,0.9]", "optim.lrs=[0.05,0.02]", "trainer.seeds=[1]",
-                           f"run.dir={tmp_path / 'b'}"]
+    # alpha and eps (one value each, not the config's) reach the sampler as a law computed per run
+    ov = BURSTY + sched + ["+task_values.p_C=[0.0,0.9]", "+task_values.alpha=[1.0]", "+task_values.eps=[0.3]",
+                           "optim.lrs=[0.05,0.02]", "trainer.seeds=[1]", f"run.dir={tmp_path / 'b'}"]
     cfg, node = load_config(ov)
     root = train_batch(cfg, node, ov, quiet=True)
     index = json.loads((root / "batch.json").read_text())
     assert index["lrs"] == [0.05, 0.02]
-    assert [r["dir"] for r in index["runs"]] == ["none-p_C0-lr0.05-s1", "none-p_C0-lr0.02-s1",
-                                                 "none-p_C0.9-lr0.05-s1", "none-p_C0.9-lr0.02-s1"]
-    solo_ov = BURSTY + sched + ["task.p_C=0.9", "optim.lr=0.02", "seed=1", f"run.dir={tmp_path / 'solo'}"]
+    assert [r["dir"] for r in index["runs"]] == [f"none-p_C{p}-alpha1-eps0.3-lr{lr}-s1"
+                                                 for p in ("0", "0.9") for lr in ("0.05", "0.02")]
+    solo_ov = BURSTY + sched + ["task.p_C=0.9", "task.alpha=1.0", "task.eps=0.3", "optim.lr=0.02", "seed=1",
+                                f"run.dir={tmp_path / 'solo'}"]
     c2, n2 = load_config(solo_ov)
     solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
-    a = read_metrics(root / "none-p_C0.9-lr0.02-s1" / "metrics.jsonl")
+    a = read_metrics(root / "none-p_C0.9-alpha1-eps0.3-lr0.02-s1" / "metrics.jsonl")
     assert_same_metrics(a, read_metrics(solo / "metrics.jsonl"))
-    run_cfg = (root / "none-p_C0.9-lr0.02-s1" / "config.yaml").read_text()
-    assert "p_C: 0.9" in run_cfg and "lr: 0.02" in run_cfg and "lrs: null" in run_cfg
+    run_cfg = (root / "none-p_C0.9-alpha1-eps0.3-lr0.02-s1" / "config.yaml").read_text()
+    assert "p_C: 0.9" in run_cfg and "eps: 0.3" in run_cfg and "lr: 0.02" in run_cfg and "lrs: null" in run_cfg
     # the other mixture and the other rate train differently (same seed)
     final = {r["dir"]: read_metrics(root / r["dir"] / "metrics.jsonl")[-1]["train/loss"] for r in index["runs"]}
-    assert abs(final["none-p_C0-lr0.02-s1"] - final["none-p_C0.9-lr0.02-s1"]) > 1e-3
-    assert abs(final["none-p_C0.9-lr0.05-s1"] - final["none-p_C0.9-lr0.02-s1"]) > 1e-3
+    assert abs(final["none-p_C0-alpha1-eps0.3-lr0.02-s1"] - final["none-p_C0.9-alpha1-eps0.3-lr0.02-s1"]) > 1e-3
+    assert abs(final["none-p_C0.9-alpha1-eps0.3-lr0.05-s1"] - final["none-p_C0.9-alpha1-eps0.3-lr0.02-s1"]) > 1e-3
+
+
+def test_a_segment_length_grid_is_one_program_and_each_run_is_scored_on_its_own_masks(tiny, tmp_path):
+    # repeat's seg_len moves the "repeated" mask of the evaluation set, which is then held per run
+    short = ["trainer.steps=40", "checkpoint.every=20"]
+    ov = tiny + short + ["+task_values.seg_len=[4,8]", f"run.dir={tmp_path / 'b'}"]
+    cfg, node = load_config(ov)
+    root = train_batch(cfg, node, ov, quiet=True)
+    assert [r["dir"] for r in json.loads((root / "batch.json").read_text())["runs"]] == [
+        "none-seg_len4-s0", "none-seg_len8-s0"]
+    solo_ov = tiny + short + ["task.seg_len=4", f"run.dir={tmp_path / 'solo'}"]
+    c2, n2 = load_config(solo_ov)
+    solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
+    a = read_metrics(root / "none-seg_len4-s0" / "metrics.jsonl")
+    assert_same_metrics(a, read_metrics(solo / "metrics.jsonl"))
+    b = read_metrics(root / "none-seg_len8-s0" / "metrics.jsonl")
+    assert abs(a[-1]["test/repeated_loss"] - b[-1]["test/repeated_loss"]) > 1e-3
+    assert "seg_len: 4" in (root / "none-seg_len4-s0" / "config.yaml").read_text()
 
 
 def test_task_values_accept_only_the_tasks_data_fields(capsys, tmp_path):

@@ -605,3 +605,44 @@ def test_markov_strategies_exact():
     np.testing.assert_allclose(np.asarray(s["bigram"][0, 3]), [1 / 3, 2 / 3], rtol=1e-6)
     for p in s.values():
         np.testing.assert_allclose(np.asarray(p.sum(-1)), 1.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- data fields
+DATA_POINTS = {  # a task, and values of its data fields that differ from its config's
+    "bursty": (BurstyConfig(**SMALL_BURSTY, B=2, p_B=0.5, p_C=0.5),
+               [dict(p_B=0.2, p_C=0.1, alpha=1.2, eps=0.4), dict(p_B=1.0, p_C=0.0, alpha=0.0, eps=0.0)]),
+    "fewshot": (FewshotConfig(n_classes=30, n_train_classes=12, feature_dim=6, eval_size=8, alpha=0.5),
+                [dict(alpha=1.5), dict(alpha=0.0)]),
+    "repeat": (RepeatConfig(vocab_size=24, seq_len=18, seg_len=4), [dict(seg_len=9), dict(seg_len=16)]),
+}
+
+
+def test_data_fields_as_batched_data_sample_what_a_solo_task_samples():
+    """A batched run's data fields (``run_data``, vmapped and traced) give the batch a task built with those
+    values samples alone: the same classes, labels and tokens; items to float rounding."""
+    assert {n for n, (_, c) in TASKS.items() if c.data_fields} == set(DATA_POINTS)
+    fns, solos = {}, {}
+    for name, (cfg, points) in DATA_POINTS.items():
+        base = make_task(cfg)
+        assert all(set(p) <= set(base.data_fields) for p in points)
+        data = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[base.run_data(p) for p in points])
+        fns[name] = lambda k, t=base, d=data: jax.vmap(lambda di: t.sample(k, 64, data=di))(d)
+        solos[f"{name}_config"] = lambda k, t=base: t.sample(k, 64)
+        for i, p in enumerate(points):
+            t = make_task(dataclasses.replace(cfg, **p))
+            solos[f"{name}{i}"] = lambda k, t=t: t.sample(k, 64)
+    keys = {n: KEY for n in list(fns) + list(solos)}
+    out = np_tree(jax.jit(lambda ks: {n: f(ks[n]) for n, f in {**fns, **solos}.items()})(keys))
+    for name, (_, points) in DATA_POINTS.items():
+        for i in range(len(points)):
+            got = jax.tree_util.tree_map(lambda x, i=i: x[i], out[name])
+            want = out[f"{name}{i}"]
+            assert differ(want, out[f"{name}_config"])  # the values change the batch (same key)...
+            feats = (got.pop("features", None), want.pop("features", None))
+            np.testing.assert_equal(got, want)  # ...and the data path draws exactly what a solo task draws
+            if feats[0] is not None:
+                np.testing.assert_allclose(feats[0], feats[1], rtol=0, atol=1e-6)
+    # repeat: the masks follow the run's segment length
+    r = out["repeat"]
+    assert r["masks"]["repeated"][0, 0].tolist() == [0.0] * 10 + [1.0] * 8
+    assert r["masks"]["first"][1, 0].tolist() == [0.0] + [1.0] * 16 + [0.0]

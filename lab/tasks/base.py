@@ -73,6 +73,11 @@ class Task:
         traced, in place of the config's."""
         raise NotImplementedError
 
+    def run_data(self, values: dict) -> dict:
+        """What ``sample`` reads as ``data`` for a batched run whose data fields have these ``values``
+        (numbers by default; a task may precompute arrays from them, e.g. a class law)."""
+        return {k: jnp.float32(v) for k, v in values.items()}
+
     def build_evals(self) -> dict[str, Batch]:  # pragma: no cover - abstract
         """Fixed evaluation sets by evaluator name, built from ``cfg.eval_seed``."""
         raise NotImplementedError

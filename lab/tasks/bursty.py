@@ -98,7 +98,8 @@ class BurstyTask(Task):
     classification = True
     key_metric = "ic/acc"
     watch_metric = "ic/acc"
-    data_fields = ("p_B", "p_C")  # the training mixture: numbers in the sampler, not shapes
+    # the training mixture, numbers in the sampler (not shapes): batched runs may hold them as data
+    data_fields = ("p_B", "p_C", "alpha", "eps")
 
     def __init__(self, cfg: BurstyConfig):
         cfg.validate()
@@ -107,8 +108,7 @@ class BurstyTask(Task):
         rng = np.random.default_rng(cfg.data_seed)
         self.means = jnp.asarray(rng.normal(size=(K, D)) / math.sqrt(D), jnp.float32)
         self.label_vecs = jnp.asarray(rng.normal(size=(L, D)) / math.sqrt(D), jnp.float32)
-        self.zipf = zipf_logits(K, cfg.alpha)
-        self.zipf_cdf = cdf_table(np.exp(np.asarray(self.zipf, np.float64)))
+        self.law = self._law(cfg.alpha, cfg.eps)
         self.p_B = 0.0 if cfg.B == 0 else float(cfg.p_B)  # effective
         self.burst = max(cfg.B, 1)  # burst size of bursty and novel sequences
         self.seq_len = 2 * N + 1
@@ -139,9 +139,11 @@ class BurstyTask(Task):
         }
 
     # ------------------------------------------------------------------ sampling
-    def _sequence(self, u, setting):
-        """One sequence from its uniform draws ``u`` (shapes ``self.draws``)."""
+    def _sequence(self, u, setting, law):
+        """One sequence from its uniform draws ``u`` (shapes ``self.draws``), ``setting`` (see
+        ``sample_setting``) and ``law`` (see ``self.law``)."""
         p_B, p_C, shift, burst = setting  # numbers, possibly traced
+        zipf, zipf_cdf, eps, norm = law
         cfg = self.cfg
         K, L, N, D = cfg.K, cfg.L, cfg.N, cfg.D
         nc = N // burst  # distinct classes in a bursty context
@@ -153,10 +155,10 @@ class BurstyTask(Task):
         q_idx = randint_from(u["query"], 0, nc)
         pattern = jnp.concatenate([slots, q_idx[None]])  # [N+1]
         # Bursty over known classes: nc distinct classes drawn without replacement from Zipf.
-        chosen = choice_from(u["chosen"], self.zipf, min(N, K))  # the first nc are used
+        chosen = choice_from(u["chosen"], zipf, min(N, K))  # the first nc are used
         cls_bursty = chosen[pattern]
         # Non-bursty: i.i.d. Zipf (inverse CDF).
-        cls_iid = inverse_cdf_from(u["iid"], self.zipf_cdf)
+        cls_iid = inverse_cdf_from(u["iid"], zipf_cdf)
         # Novel classes: fresh means and labels, numbered K, K+1, ...
         novel_means = normal_from(u["novel_means"]) / math.sqrt(D)
         novel_labels = randint_from(u["novel_labels"], 0, L)
@@ -169,7 +171,7 @@ class BurstyTask(Task):
         mu = jnp.where(is_novel[:, None], novel_means[nov], self.means[known])
         labels = ((jnp.where(is_novel, novel_labels[nov], known % L) + shift) % L).astype(jnp.int32)
         eta = normal_from(u["eta"]) / math.sqrt(D)
-        items = ((mu + cfg.eps * eta) / math.sqrt(1.0 + cfg.eps**2)).astype(jnp.float32)
+        items = ((mu + eps * eta) / norm).astype(jnp.float32)
 
         ctx_labels = labels[:N]
         tokens = jnp.zeros(T, jnp.int32).at[1::2].set(ctx_labels)
@@ -202,11 +204,28 @@ class BurstyTask(Task):
         ``labels`` [B, N+1] (as given, after any flip), ``novel``/``bursty`` [B] flags, ``offset`` [B]."""
         return self.sample_setting(key, batch_size, self.settings[evaluator])
 
-    def sample_setting(self, key: jax.Array, batch_size: int, setting):
+    def sample_setting(self, key: jax.Array, batch_size: int, setting, law=None):
         """Like ``sample_with_classes`` for an explicit setting ``(p_B, p_C, label shift, burst)``:
         the probabilities of bursty and novel-class sequences, the shift added (mod L) to every label,
-        and the burst size (>= 1, divides N). Settings may be traced (vmap over them)."""
-        return vmap_sequences(self._sequence, key, batch_size, self.draws, setting)
+        and the burst size (>= 1, divides N). Settings may be traced (vmap over them). ``law``: the
+        class law and item noise (default: the config's, ``self.law``)."""
+        return vmap_sequences(self._sequence, key, batch_size, self.draws, setting,
+                              self.law if law is None else law)
+
+    def _law(self, alpha: float, eps: float) -> tuple:
+        """What the sampler reads besides the setting: the class law (Zipf logits, inverse-CDF table) and the
+        item noise (eps, and sqrt(1 + eps^2), which keeps the items' norm)."""
+        zipf = zipf_logits(self.cfg.K, alpha)
+        cdf = cdf_table(np.exp(np.asarray(zipf, np.float64)))
+        return zipf, cdf, jnp.float32(eps), jnp.float32(math.sqrt(1.0 + eps**2))
+
+    def run_data(self, values: dict) -> dict:
+        """A batched run's data: p_B and p_C as numbers; for alpha and eps the law they make, computed here
+        on the host as a solo run's is, so both draw the same classes."""
+        data = {k: jnp.float32(v) for k, v in values.items() if k in ("p_B", "p_C")}
+        if "alpha" in values or "eps" in values:
+            data["law"] = self._law(values.get("alpha", self.cfg.alpha), values.get("eps", self.cfg.eps))
+        return data
 
     def sample_settings(self, key: jax.Array, batch_size: int, settings: dict | None = None) -> dict:
         """``{name: sample_setting(key_name, batch_size, setting)}`` for several settings (default:
@@ -220,7 +239,7 @@ class BurstyTask(Task):
             return self.sample_with_classes(key, batch_size)[0]
         p_B = 0.0 if self.cfg.B == 0 else data.get("p_B", self.p_B)  # B = 0 forces p_B = 0, as in __init__
         setting = (p_B, data.get("p_C", float(self.cfg.p_C)), 0, self.burst)
-        return self.sample_setting(key, batch_size, setting)[0]
+        return self.sample_setting(key, batch_size, setting, data.get("law"))[0]
 
     def build_evals(self) -> dict[str, Batch]:
         size = self.cfg.eval_size

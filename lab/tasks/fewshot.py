@@ -184,6 +184,7 @@ class FewshotTask(Task):
     classification = True
     key_metric = "train/acc"
     watch_metric = "train/loss"
+    data_fields = ("alpha",)  # the Zipf exponent of the training classes: batched runs may hold it as data
 
     def __init__(self, cfg: FewshotConfig):
         cfg.validate()
@@ -207,8 +208,7 @@ class FewshotTask(Task):
         # indices first), number of allowed sets, exemplar range [lo, hi)). Same shapes for all, so
         # the evaluators share one traced sampler.
         n_train, C, E, h = cfg.n_train_classes, self.n_classes, self.n_exemplars, cfg.n_heldout_label_sets
-        train_logits = np.full(C, -np.inf, np.float32)
-        train_logits[:n_train] = np.asarray(zipf_logits(n_train, cfg.alpha))
+        train_logits = self.train_logits(cfg.alpha)
         test_logits = np.where(np.arange(C) >= n_train, 0.0, -np.inf).astype(np.float32)
         order = np.arange(n_sets, dtype=np.int32)
         heldout_first = np.concatenate([order[n_sets - h :], order[: n_sets - h]])
@@ -283,8 +283,21 @@ class FewshotTask(Task):
         keys = {name: jax.random.fold_in(key, i) for i, name in enumerate(self.settings)}
         return sample_evaluators(lambda k, s: self.sample_setting(k, batch_size, s), keys, self.settings)
 
-    def sample(self, key: jax.Array, batch_size: int) -> Batch:
-        return self.sample_with_info(key, batch_size)[0]
+    def train_logits(self, alpha: float) -> np.ndarray:
+        """Class logits [C] of the training law: Zipf(alpha) over the training classes, -inf elsewhere."""
+        logits = np.full(self.n_classes, -np.inf, np.float32)
+        logits[: self.cfg.n_train_classes] = np.asarray(zipf_logits(self.cfg.n_train_classes, alpha))
+        return logits
+
+    def sample(self, key: jax.Array, batch_size: int, data: dict | None = None) -> Batch:
+        if not data:
+            return self.sample_with_info(key, batch_size)[0]
+        setting = (data["train_logits"], *self.settings["train"][1:])
+        return self.sample_setting(key, batch_size, setting)[0]
+
+    def run_data(self, values: dict) -> dict:
+        """A batched run's data: the training class law its alpha makes (what ``sample`` reads)."""
+        return {"train_logits": jnp.asarray(self.train_logits(values.get("alpha", self.cfg.alpha)))}
 
     def build_evals(self) -> dict[str, Batch]:
         size = self.cfg.eval_size

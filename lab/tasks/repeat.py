@@ -52,6 +52,9 @@ class RepeatTask(Task):
 
     key_metric = "test/repeated_acc"
     watch_metric = "test/repeated_loss"
+    # the segment length is a number in the sampler (the sequence keeps its length): batched runs may
+    # hold it as data, e.g. `'+task_values.seg_len=[4,8,16]'`
+    data_fields = ("seg_len",)
 
     def __init__(self, cfg: RepeatConfig):
         cfg.validate()
@@ -60,25 +63,39 @@ class RepeatTask(Task):
         self.seq_len = cfg.seq_len
         self.vocab_size = cfg.vocab_size + 1
         self.n_outputs = cfg.vocab_size
-        t = jnp.arange(cfg.seq_len)
-        self.repeated_mask = (t >= cfg.seg_len + 1).astype(jnp.float32)
-        self.first_mask = ((t >= 1) & (t <= cfg.seg_len)).astype(jnp.float32)
+        self.repeated_mask, self.first_mask = self._masks(cfg.seg_len)
 
-    def _sequence(self, u):
+    def _masks(self, seg_len):
+        t = jnp.arange(self.cfg.seq_len)
+        return (t >= seg_len + 1).astype(jnp.float32), ((t >= 1) & (t <= seg_len)).astype(jnp.float32)
+
+    def _sequence(self, u, seg_len=None):
+        """One sequence; ``seg_len``: a batched run's segment length (traced), else the config's."""
         cfg = self.cfg
-        # seg_len distinct tokens, uniformly at random (top-k of i.i.d. uniforms)
-        segment = jax.lax.top_k(u["segment"], cfg.seg_len)[1].astype(jnp.int32)
-        body = segment[jnp.arange(cfg.seq_len) % cfg.seg_len]
+        # seg_len distinct tokens, uniformly at random (the top of i.i.d. uniforms; a traced length takes
+        # the first seg_len of the full ranking, the same tokens in the same order)
+        if seg_len is None:
+            segment = jax.lax.top_k(u["segment"], cfg.seg_len)[1].astype(jnp.int32)
+            masks = (self.repeated_mask, self.first_mask)
+            seg_len = cfg.seg_len
+        else:
+            segment = jax.lax.top_k(u["segment"], cfg.vocab_size)[1].astype(jnp.int32)
+            masks = self._masks(seg_len)
+        body = segment[jnp.arange(cfg.seq_len) % seg_len]
         x = jnp.concatenate([jnp.full(1, self.bos, jnp.int32), body])  # seq_len + 1 tokens
         return {
             "tokens": x[:-1],
             "targets": x[1:],
             "loss_mask": jnp.ones(cfg.seq_len, jnp.float32),
-            "masks": {"repeated": self.repeated_mask, "first": self.first_mask},
+            "masks": {"repeated": masks[0], "first": masks[1]},
         }
 
-    def sample(self, key: jax.Array, batch_size: int) -> Batch:
-        return vmap_sequences(self._sequence, key, batch_size, {"segment": (self.cfg.vocab_size,)})
+    def sample(self, key: jax.Array, batch_size: int, data: dict | None = None) -> Batch:
+        seg = None if not data else data["seg_len"]
+        return vmap_sequences(self._sequence, key, batch_size, {"segment": (self.cfg.vocab_size,)}, seg)
+
+    def run_data(self, values: dict) -> dict:
+        return {"seg_len": jnp.int32(values["seg_len"])}
 
     def build_evals(self) -> dict[str, Batch]:
         size = self.cfg.eval_size
