@@ -92,12 +92,16 @@ def sinusoidal(n_pos: int, d: int) -> jax.Array:
     return jnp.where(i % 2 == 0, jnp.sin(angle), jnp.cos(angle))
 
 
-def rope(x: jax.Array, base: float) -> jax.Array:
-    """Rotary embedding of x [batch, pos, head, d_head] (half-split layout)."""
-    t, dh = x.shape[1], x.shape[-1]
+def rope(x: jax.Array, base: float, positions: jax.Array | None = None, pos_axis: int = 1) -> jax.Array:
+    """Rotary embedding of x [batch, pos, head, d_head] (half-split layout); ``pos_axis``: where the
+    position axis is ([batch, head, pos, d_head]: 2); ``positions``: those of x's rows (default 0, 1, ...)."""
+    t, dh = x.shape[pos_axis], x.shape[-1]
+    pos = jnp.arange(t) if positions is None else positions
     inv = 1.0 / (base ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-    ang = jnp.arange(t, dtype=jnp.float32)[:, None] * inv[None, :]  # [pos, dh/2]
-    cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
+    ang = pos.astype(jnp.float32)[:, None] * inv[None, :]  # [pos, dh/2]
+    shape = [1] * x.ndim
+    shape[pos_axis], shape[-1] = t, dh // 2
+    cos, sin = jnp.cos(ang).reshape(shape), jnp.sin(ang).reshape(shape)
     x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
@@ -157,13 +161,16 @@ class Transformer:
     """Holds the config and initial parameters; ``apply`` is the pure forward pass."""
 
     def __init__(self, cfg: ModelConfig, *, seq_len: int, vocab_size: int, n_outputs: int,
-                 feature_dim: int = 0, seed: int = 0):
+                 feature_dim: int = 0, seed: int = 0, feature_positions: tuple[int, ...] | None = None):
         cfg.validate()
         if feature_dim and cfg.input_proj == "identity":
             check(feature_dim == cfg.d_model, "model.input_proj", cfg.input_proj,
                   f"identity needs d_model == the task's feature width {feature_dim}, got d_model={cfg.d_model}")
         self.cfg = cfg
         self.seq_len, self.vocab_size, self.n_outputs, self.feature_dim = seq_len, vocab_size, n_outputs, feature_dim
+        # the only positions where batches carry features (the task's; None: any): the input projection
+        # runs there alone (few-shot items are half the positions and W_in the widest matmul of the step)
+        self.feature_positions = tuple(feature_positions) if feature_positions is not None else None
         weights = _Weights(cfg, seq_len, vocab_size, n_outputs, feature_dim, seed)
         _, params, consts = nnx.split(weights, nnx.Param, Const)
         self._init_params = _str_keys(params.to_pure_dict())
@@ -208,23 +215,36 @@ class Transformer:
 
         ``readout``: compute the final LayerNorm, MLP head and unembedding only at these positions
         (logits [batch, len(readout), n_outputs]); a classification loss needs only its query, and
-        Reddy's MLP head is most of the step when run at every position.
+        Reddy's MLP head is most of the step when run at every position. Unless a hook wants one of the
+        last layer's sites, the last layer too computes queries, attention and output only there (its
+        keys and values at every position): nothing else of it reaches the readout.
         """
         cfg = self.cfg
         p = merge_consts(params, self._consts)
         tokens = batch["tokens"]
         x = p["embed"]["W_E"][tokens]
         if self.feature_dim:
-            feats = batch["features"]
+            feats, isf, fp = batch["features"], batch["is_feature"], self.feature_positions
+            if fp is not None:
+                sel = jnp.asarray(fp)
+                feats, isf = feats[:, sel], isf[:, sel]
             fx = feats if cfg.input_proj == "identity" else dense(feats, p["embed"]["W_in"]) + p["embed"]["b_in"]
-            x = jnp.where(batch["is_feature"][..., None], fx, x)
+            if fp is None:
+                x = jnp.where(isf[..., None], fx, x)
+            else:
+                x = x.at[:, sel].set(jnp.where(isf[..., None], fx, x[:, sel]))
         x = hooks("hook_embed", x)
         t = tokens.shape[1]
         if "W_pos" in p.get("pos_embed", {}):
             pe = hooks("hook_pos_embed", jnp.broadcast_to(p["pos_embed"]["W_pos"][:t], x.shape))
             x = x + pe
         causal = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -jnp.inf)  # added to the scores
+        last = cfg.n_layers - 1
+        prune = readout is not None and not any(hooks.wants(n) for n in self.layer_sites(last))
         for layer in range(cfg.n_layers):
+            if prune and layer == last:
+                x = self._readout_layer(p["blocks"][str(layer)], x, jnp.asarray(readout), causal)
+                break
             b, a = f"blocks.{layer}", p["blocks"][str(layer)]["attn"]
             x = hooks(f"{b}.hook_resid_pre", x)
             xin = x
@@ -263,7 +283,7 @@ class Transformer:
                 out = out + a["b_O"]
             out = hooks(f"{b}.hook_attn_out", out)
             x = hooks(f"{b}.hook_resid_post", x + out)
-        if readout is not None:
+        if readout is not None and not prune:
             x = x[:, jnp.asarray(readout)]
         if cfg.layernorm:
             x = hooks("ln_final.hook_normalized", layer_norm(x, p["ln_final"]["w"], p["ln_final"]["b"]))
@@ -272,6 +292,39 @@ class Transformer:
                 x = jax.nn.relu(dense(x, p["mlp"][f"W_{i}"]) + p["mlp"][f"b_{i}"])
         logits = dense(x, p["unembed"]["W_U"]) + p["unembed"]["b_U"]
         return hooks("logits", logits)
+
+    def _readout_layer(self, blk: dict, x: jax.Array, sel: jax.Array, causal: jax.Array) -> jax.Array:
+        """The last layer's residual at the positions ``sel`` only (no hooks): queries, attention and W_O
+        there, keys and values at every position."""
+        cfg, a = self.cfg, blk["attn"]
+        xin = layer_norm(x, blk["ln1"]["w"], blk["ln1"]["b"]) if cfg.layernorm else x
+        w = jnp.concatenate([a["W_K"], a["W_V"]], axis=0)  # [2h, d, e]
+        h2, d, e = w.shape
+        kv = dense(xin, w.transpose(1, 0, 2).reshape(d, h2 * e)).reshape(*x.shape[:-1], h2, e)
+        q = dense(xin[:, sel], a["W_Q"].transpose(1, 0, 2).reshape(d, -1)).reshape(x.shape[0], len(sel), -1, e)
+        if cfg.bias:
+            kv = kv + jnp.concatenate([a["b_K"], a["b_V"]], axis=0)
+            q = q + a["b_Q"]
+        kh, vh = jax.lax.split(jnp.moveaxis(kv, -2, -3), (h2 // 2,) * 2, axis=-3)  # [batch, head, pos, e]
+        qh = jnp.moveaxis(q, -2, -3)  # [batch, head, readout, e]
+        if cfg.positions == "rope":
+            qh = rope(qh, cfg.rope_base, positions=sel, pos_axis=2)
+            kh = rope(kh, cfg.rope_base, pos_axis=2)
+        if cfg.attn_scale:
+            qh = qh * (1.0 / math.sqrt(cfg.head_dim))
+        zh = matmul_nn(softmax(matmul_nt(qh, kh) + causal[sel]), vh)  # [batch, head, readout, e]
+        z = zh.transpose(0, 2, 1, 3)
+        if cfg.use_wo:
+            hh = z.shape[2]
+            out = dense(z.reshape(*z.shape[:2], hh * e), a["W_O"].reshape(hh * e, -1))
+            if cfg.bias:
+                out = out + a["b_O"]
+        else:
+            out = z.reshape(*z.shape[:2], -1)
+        return x[:, sel] + out
+
+    def layer_sites(self, layer: int) -> list[str]:
+        return [n for n in self.site_names() if n.startswith(f"blocks.{layer}.")]
 
     def run_with_cache(self, params: dict, batch: dict, names=None) -> tuple[jax.Array, dict]:
         """Logits and a cache of the named sites (all sites when ``names`` is None)."""
@@ -295,7 +348,8 @@ def _qkv(x, a, bias: bool):
 
 def build_model(cfg: ModelConfig, task, seed: int) -> Transformer:
     return Transformer(cfg, seq_len=task.seq_len, vocab_size=task.vocab_size, n_outputs=task.n_outputs,
-                       feature_dim=task.feature_dim, seed=seed)
+                       feature_dim=task.feature_dim, seed=seed,
+                       feature_positions=getattr(task, "feature_positions", None))
 
 
 # ---- small pytree helpers --------------------------------------------------------------------

@@ -115,3 +115,38 @@ def test_bad_model_config(field, value):
     setattr(cfg, field, value)
     with pytest.raises(ConfigError, match=f"model.{field}"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("kind", ["singh", "reddy"])
+def test_readout_shortcuts_give_the_full_models_logits_and_gradients(kind):
+    # A classification loss reads one query: the last layer then computes queries, attention and W_O there only,
+    # and features are projected only at the positions that carry them. Both must be exact shortcuts.
+    T, V, F, B = 7, 5, 9, 6
+    if kind == "singh":
+        cfg, fdim, fpos = ModelConfig(n_heads=2, d_model=8, positions="rope"), F, (0, 2, 4, 6)
+    else:
+        cfg = ModelConfig(n_heads=1, d_model=F, d_head=F, positions="none", layernorm=False, bias=False, use_wo=False,
+                          attn_scale=False, input_proj="identity", mlp_head=8)
+        fdim, fpos = F, None
+    k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+    is_feature = jnp.broadcast_to(jnp.arange(T) % 2 == 0 if fpos else jnp.ones(T, bool), (B, T))
+    batch = {"tokens": jax.random.randint(k1, (B, T), 0, V), "features": jax.random.normal(k2, (B, T, fdim)),
+             "is_feature": is_feature, "targets": jnp.arange(B)[:, None] % V}
+    short = Transformer(cfg, seq_len=T, vocab_size=V, n_outputs=V, feature_dim=fdim, seed=3, feature_positions=fpos)
+    full = Transformer(cfg, seq_len=T, vocab_size=V, n_outputs=V, feature_dim=fdim, seed=3)
+    p = short.params()
+    keep_last = Hooks(capture=[f"blocks.{cfg.n_layers - 1}.hook_resid_pre"])  # a wanted site: no pruning
+
+    def loss(m, hooks):
+        def f(params):
+            logits = m.apply(params, batch, hooks, readout=(T - 1,))[:, 0]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"], axis=-1))
+        return jax.value_and_grad(f)(p)
+
+    (l1, g1), (l2, g2) = loss(short, Hooks()), loss(full, keep_last)
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(g1["blocks"]["0"]["attn"]["W_K"]).max()) > 0  # gradient reaches the first layer
+    np.testing.assert_allclose(np.asarray(short.apply(p, batch)), np.asarray(full.apply(p, batch)), rtol=1e-5,
+                               atol=1e-6)

@@ -58,6 +58,8 @@ class Task:
     query_positions: tuple[int, ...] = ()
     label_positions: tuple[int, ...] = ()
     item_positions: tuple[int, ...] = ()
+    # The only positions where ``is_feature`` can be True (None: any); the model projects features there alone.
+    feature_positions: tuple[int, ...] | None = None
     # Metric shown in the progress bar, and the curve the phase detector watches.
     key_metric: str = "train/acc"
     watch_metric: str = "train/loss"

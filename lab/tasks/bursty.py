@@ -118,6 +118,7 @@ class BurstyTask(Task):
         self.query_positions = (2 * N,)
         self.label_positions = tuple(range(1, 2 * N, 2))
         self.item_positions = tuple(range(0, 2 * N + 1, 2))
+        self.feature_positions = self.item_positions if cfg.encoding == "embed" else None  # reddy: every position
         self.draws = {  # uniform numbers per sequence
             "novel": (),
             "bursty": (),

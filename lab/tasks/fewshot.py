@@ -235,6 +235,7 @@ class FewshotTask(Task):
         self.query_positions = (T - 1,)
         self.label_positions = tuple(range(1, T - 1, 2))
         self.item_positions = tuple(range(0, T, 2))
+        self.feature_positions = self.item_positions
 
     def _sequence(self, u, setting):
         """One sequence from its uniform draws ``u`` (shapes ``self.draws``)."""
