@@ -121,8 +121,9 @@ class BatchTrainer(Trainer):
         self.task_data = [{f: getattr(c.task, f) for f in fields} for c in cfgs] if fields else None
         if fields:
             self._per_run_evals(cfgs)
-        self.step_fn = jax.jit(jax.vmap(self._step), donate_argnums=0)
         self.scan_fn = jax.jit(jax.vmap(self._scan), donate_argnums=0)
+        self.run_fn = jax.jit(jax.vmap(self._run, in_axes=(0, None)), donate_argnums=0)
+        self.step_fn = jax.jit(jax.vmap(self._step), donate_argnums=0)
         self._beval = {}
 
     @staticmethod
