@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 # the fast suite (under 10 minutes on 2 cores); `make test-slow` runs the whole-process tests, CI runs both
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

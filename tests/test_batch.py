@@ -24,34 +24,40 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
 
 
 def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
-    ov = tiny + BATCH + [f"run.dir={tmp_path / 'b'}", "tracking.wandb.mode=offline"]
+    # seeds x clamp conditions x segment lengths (repeat's seg_len moves the evaluation set's "repeated" mask,
+    # which is then held per run); log-spaced rows make stops between full scan chunks (the remainder loop)
+    short = ["trainer.steps=40", "checkpoint.every=20", "trainer.eval_log_points=3"]
+    ov = tiny + short + BATCH + ["+task_values.seg_len=[4,8]", f"run.dir={tmp_path / 'b'}",
+                                "tracking.wandb.mode=offline"]
     cfg, node = load_config(ov)
     root = train_batch(cfg, node, ov, quiet=True)
     index = json.loads((root / "batch.json").read_text())
     assert [(r["condition"], r["seed"]) for r in index["runs"]] == [
-        ("none", 0), ("none", 3), ("prev_token", 0), ("prev_token", 3)]
+        (f"{c}-seg_len{n}", s) for c in ("none", "prev_token") for n in (4, 8) for s in (0, 3)]
     # each run has its own wandb run (several in one process)
     wb = [list((root / r["dir"] / "wandb").glob("offline-run-*")) for r in index["runs"]]
-    assert all(len(w) == 1 for w in wb) and len({w[0].name.rsplit("-", 1)[1] for w in wb}) == 4
-    # the clamped seed-3 run, trained alone with the same settings
-    solo_ov = tiny + ["clamp=prev_token", "seed=3", f"run.dir={tmp_path / 'solo'}"]
+    assert all(len(w) == 1 for w in wb) and len({w[0].name.rsplit("-", 1)[1] for w in wb}) == 8
+    # the clamped seed-3 run with segments of 4, trained alone with the same settings
+    solo_ov = tiny + short + ["clamp=prev_token", "task.seg_len=4", "seed=3", f"run.dir={tmp_path / 'solo'}"]
     c2, n2 = load_config(solo_ov)
     solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
-    a, b = read_metrics(root / "prev_token-s3" / "metrics.jsonl"), read_metrics(solo / "metrics.jsonl")
+    a, b = read_metrics(root / "prev_token-seg_len4-s3" / "metrics.jsonl"), read_metrics(solo / "metrics.jsonl")
     assert_same_metrics(a, b)
-    sa = json.loads((root / "prev_token-s3" / "summary.json").read_text())
+    assert [r["step"] for r in a][:4] == [0, 1, 6, 20]  # stops at 1 and 6: remainders of a 10-step chunk
+    sa = json.loads((root / "prev_token-seg_len4-s3" / "summary.json").read_text())
     sb = json.loads((solo / "summary.json").read_text())
-    assert sa["condition"] == sb["condition"] == "prev_token" and sa["seed"] == 3
+    assert sa["condition"] == "prev_token-seg_len4" and sb["condition"] == "prev_token" and sa["seed"] == 3
     assert sa["checkpoints"] == sb["checkpoints"]
     assert len(sa["phase"]["transitions"]) == len(sb["phase"]["transitions"])
-    # the unclamped runs differ from the clamped ones, and the seeds from each other
-    n0 = read_metrics(root / "none-s0" / "metrics.jsonl")[-1]["train/loss"]
-    n3 = read_metrics(root / "none-s3" / "metrics.jsonl")[-1]["train/loss"]
-    p3 = a[-1]["train/loss"]
-    assert len({round(n0, 6), round(n3, 6), round(p3, 6)}) == 3
+    # the unclamped runs differ from the clamped ones, the seeds from each other, and the segment lengths
+    final = {r["dir"]: read_metrics(root / r["dir"] / "metrics.jsonl")[-1] for r in index["runs"]}
+    losses = [final[d]["train/loss"] for d in ("none-seg_len4-s0", "none-seg_len4-s3", "prev_token-seg_len4-s3")]
+    assert len({round(x, 6) for x in losses}) == 3
+    assert abs(final["none-seg_len4-s0"]["test/repeated_loss"] - final["none-seg_len8-s0"]["test/repeated_loss"]) > 1e-3
     # each run directory is a solo run: its config has no batch fields and it can be resumed from
-    run_cfg = (root / "none-s3" / "config.yaml").read_text()
+    run_cfg = (root / "none-seg_len8-s3" / "config.yaml").read_text()
     assert "seed: 3" in run_cfg and "num_seeds: 1" in run_cfg and "conditions: []" in run_cfg
+    assert "seg_len: 8" in run_cfg
 
 
 def test_a_batch_that_does_not_fit_is_refused_before_anything_is_written(tiny, tmp_path):
@@ -111,24 +117,6 @@ def test_task_values_and_learning_rates_batch_as_data_and_each_run_equals_its_so
     final = {r["dir"]: read_metrics(root / r["dir"] / "metrics.jsonl")[-1]["train/loss"] for r in index["runs"]}
     assert abs(final["none-p_C0-alpha1-eps0.3-lr0.02-s1"] - final["none-p_C0.9-alpha1-eps0.3-lr0.02-s1"]) > 1e-3
     assert abs(final["none-p_C0.9-alpha1-eps0.3-lr0.05-s1"] - final["none-p_C0.9-alpha1-eps0.3-lr0.02-s1"]) > 1e-3
-
-
-def test_a_segment_length_grid_is_one_program_and_each_run_is_scored_on_its_own_masks(tiny, tmp_path):
-    # repeat's seg_len moves the "repeated" mask of the evaluation set, which is then held per run
-    short = ["trainer.steps=40", "checkpoint.every=20"]
-    ov = tiny + short + ["+task_values.seg_len=[4,8]", f"run.dir={tmp_path / 'b'}"]
-    cfg, node = load_config(ov)
-    root = train_batch(cfg, node, ov, quiet=True)
-    assert [r["dir"] for r in json.loads((root / "batch.json").read_text())["runs"]] == [
-        "none-seg_len4-s0", "none-seg_len8-s0"]
-    solo_ov = tiny + short + ["task.seg_len=4", f"run.dir={tmp_path / 'solo'}"]
-    c2, n2 = load_config(solo_ov)
-    solo = train_run(c2, n2, quiet=True, overrides=solo_ov)
-    a = read_metrics(root / "none-seg_len4-s0" / "metrics.jsonl")
-    assert_same_metrics(a, read_metrics(solo / "metrics.jsonl"))
-    b = read_metrics(root / "none-seg_len8-s0" / "metrics.jsonl")
-    assert abs(a[-1]["test/repeated_loss"] - b[-1]["test/repeated_loss"]) > 1e-3
-    assert "seg_len: 4" in (root / "none-seg_len4-s0" / "config.yaml").read_text()
 
 
 def test_task_values_accept_only_the_tasks_data_fields(capsys, tmp_path):

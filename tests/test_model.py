@@ -141,12 +141,12 @@ def test_readout_shortcuts_give_the_full_models_logits_and_gradients(kind):
         def f(params):
             logits = m.apply(params, batch, hooks, readout=(T - 1,))[:, 0]
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"], axis=-1))
-        return jax.value_and_grad(f)(p)
+        return jax.jit(jax.value_and_grad(f))(p)
 
     (l1, g1), (l2, g2) = loss(short, Hooks()), loss(full, keep_last)
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(g1["blocks"]["0"]["attn"]["W_K"]).max()) > 0  # gradient reaches the first layer
-    np.testing.assert_allclose(np.asarray(short.apply(p, batch)), np.asarray(full.apply(p, batch)), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(short.apply)(p, batch)), np.asarray(jax.jit(full.apply)(p, batch)),
+                               rtol=1e-5, atol=1e-6)

@@ -77,6 +77,7 @@ def test_joblib_sweep_with_a_failing_job_then_rerun_finishes_only_what_is_missin
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+@pytest.mark.slow  # a whole second process (two forced host devices)
 def test_batched_runs_sharded_over_two_devices_equal_one_device(tiny, tmp_path):
     ov = tiny + ["trainer.seeds=[0,1]"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
