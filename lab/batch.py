@@ -145,7 +145,12 @@ class BatchTrainer(Trainer):
         the training mixture): those are stacked per run, the others shared."""
         from lab.tasks import make_task
 
-        per_run = [make_task(c.task).evals for c in cfgs]
+        built: dict[str, dict] = {}  # one task (and its compiled samplers) per distinct task config, not per run
+        for c in cfgs:
+            key = repr(dataclasses.asdict(c.task))
+            if key not in built:
+                built[key] = make_task(c.task).evals
+        per_run = [built[repr(dataclasses.asdict(c.task))] for c in cfgs]
         evals = dict(self.task.evals)
         for name in list(evals):
             leaves = [jax.tree_util.tree_leaves(e[name]) for e in per_run]
