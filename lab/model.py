@@ -242,9 +242,8 @@ class Transformer:
         last = cfg.n_layers - 1
         prune = readout is not None and not any(hooks.wants(n) for n in self.layer_sites(last))
         for layer in range(cfg.n_layers):
-            if prune and layer == last:
-                x = self._readout_layer(p["blocks"][str(layer)], x, jnp.asarray(readout), causal)
-                break
+            # the pruned last layer: queries, attention and output at the readout positions only
+            at = jnp.asarray(readout) if prune and layer == last else None
             b, a = f"blocks.{layer}", p["blocks"][str(layer)]["attn"]
             x = hooks(f"{b}.hook_resid_pre", x)
             xin = x
@@ -252,25 +251,26 @@ class Transformer:
                 ln = p["blocks"][str(layer)]["ln1"]
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
             scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
-            qh, kh, vh = _qkv(xin, a, cfg.bias)  # [batch, head, pos, d_head]
+            qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at)  # [batch, head, pos, d_head]
             tl_sites = [f"{b}.attn.hook_{s}" for s in ("q", "k", "v", "rot_q", "rot_k")]
             if cfg.positions == "rope" or any(hooks.wants(n) for n in tl_sites):
                 # TransformerLens's layout [batch, pos, head, d_head] at the q/k/v sites
                 q, k, v = (hooks(f"{b}.attn.hook_{s}", y.transpose(0, 2, 1, 3))
                            for s, y in (("q", qh), ("k", kh), ("v", vh)))
                 if cfg.positions == "rope":
-                    q = hooks(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base))
+                    q = hooks(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base, positions=at))
                     k = hooks(f"{b}.attn.hook_rot_k", rope(k, cfg.rope_base))
                 qh, kh, vh = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
             if scale != 1.0:
                 qh = qh * scale
-            scores = hooks(f"{b}.attn.hook_attn_scores", matmul_nt(qh, kh) + causal)
+            mask = causal if at is None else causal[at]
+            scores = hooks(f"{b}.attn.hook_attn_scores", matmul_nt(qh, kh) + mask)
             pattern = hooks(f"{b}.attn.hook_pattern", softmax(scores))
             zh = matmul_nn(pattern, vh)
             z = hooks(f"{b}.attn.hook_z", zh.transpose(0, 2, 1, 3))
             if not cfg.use_wo:
                 result = hooks(f"{b}.attn.hook_result", z) if hooks.wants(f"{b}.attn.hook_result") else z
-                out = result.reshape(result.shape[0], t, -1)
+                out = result.reshape(*result.shape[:2], -1)
             elif hooks.overwrites(f"{b}.attn.hook_result"):
                 result = hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
                 out = result.sum(axis=2)
@@ -282,7 +282,7 @@ class Transformer:
             if cfg.use_wo and cfg.bias:
                 out = out + a["b_O"]
             out = hooks(f"{b}.hook_attn_out", out)
-            x = hooks(f"{b}.hook_resid_post", x + out)
+            x = hooks(f"{b}.hook_resid_post", (x if at is None else x[:, at]) + out)
         if readout is not None and not prune:
             x = x[:, jnp.asarray(readout)]
         if cfg.layernorm:
@@ -292,36 +292,6 @@ class Transformer:
                 x = jax.nn.relu(dense(x, p["mlp"][f"W_{i}"]) + p["mlp"][f"b_{i}"])
         logits = dense(x, p["unembed"]["W_U"]) + p["unembed"]["b_U"]
         return hooks("logits", logits)
-
-    def _readout_layer(self, blk: dict, x: jax.Array, sel: jax.Array, causal: jax.Array) -> jax.Array:
-        """The last layer's residual at the positions ``sel`` only (no hooks): queries, attention and W_O
-        there, keys and values at every position."""
-        cfg, a = self.cfg, blk["attn"]
-        xin = layer_norm(x, blk["ln1"]["w"], blk["ln1"]["b"]) if cfg.layernorm else x
-        w = jnp.concatenate([a["W_K"], a["W_V"]], axis=0)  # [2h, d, e]
-        h2, d, e = w.shape
-        kv = dense(xin, w.transpose(1, 0, 2).reshape(d, h2 * e)).reshape(*x.shape[:-1], h2, e)
-        q = dense(xin[:, sel], a["W_Q"].transpose(1, 0, 2).reshape(d, -1)).reshape(x.shape[0], len(sel), -1, e)
-        if cfg.bias:
-            kv = kv + jnp.concatenate([a["b_K"], a["b_V"]], axis=0)
-            q = q + a["b_Q"]
-        kh, vh = jax.lax.split(jnp.moveaxis(kv, -2, -3), (h2 // 2,) * 2, axis=-3)  # [batch, head, pos, e]
-        qh = jnp.moveaxis(q, -2, -3)  # [batch, head, readout, e]
-        if cfg.positions == "rope":
-            qh = rope(qh, cfg.rope_base, positions=sel, pos_axis=2)
-            kh = rope(kh, cfg.rope_base, pos_axis=2)
-        if cfg.attn_scale:
-            qh = qh * (1.0 / math.sqrt(cfg.head_dim))
-        zh = matmul_nn(softmax(matmul_nt(qh, kh) + causal[sel]), vh)  # [batch, head, readout, e]
-        z = zh.transpose(0, 2, 1, 3)
-        if cfg.use_wo:
-            hh = z.shape[2]
-            out = dense(z.reshape(*z.shape[:2], hh * e), a["W_O"].reshape(hh * e, -1))
-            if cfg.bias:
-                out = out + a["b_O"]
-        else:
-            out = z.reshape(*z.shape[:2], -1)
-        return x[:, sel] + out
 
     def layer_sites(self, layer: int) -> list[str]:
         return [n for n in self.site_names() if n.startswith(f"blocks.{layer}.")]
@@ -333,17 +303,25 @@ class Transformer:
         return logits, hooks.cache
 
 
-def _qkv(x, a, bias: bool):
+def _qkv(x, a, bias: bool, q_at=None):
     """Q, K and V of every head, [batch, head, pos, d_head] each, from one matmul (XLA on the CPU is slow
     on many small per-head matmuls; one wide one keeps it near its matmul peak). The head-major layout
-    is the one the attention's batched matmuls read; lax.split's backward pass is one concatenation."""
-    w = jnp.concatenate([a["W_Q"], a["W_K"], a["W_V"]], axis=0)  # [3h, d, e]
-    h3, d, e = w.shape
-    y = dense(x, w.transpose(1, 0, 2).reshape(d, h3 * e)).reshape(*x.shape[:-1], h3, e)
+    is the one the attention's batched matmuls read; lax.split's backward pass is one concatenation.
+    ``q_at``: compute queries only at these positions (K and V still everywhere)."""
+    names = ("Q", "K", "V") if q_at is None else ("K", "V")
+    w = jnp.concatenate([a[f"W_{n}"] for n in names], axis=0)  # [3h, d, e]
+    hn, d, e = w.shape
+    y = dense(x, w.transpose(1, 0, 2).reshape(d, hn * e)).reshape(*x.shape[:-1], hn, e)
     if bias:
-        y = y + jnp.concatenate([a["b_Q"], a["b_K"], a["b_V"]], axis=0)
-    y = jnp.moveaxis(y, -2, -3)  # [batch, 3h, pos, d_head]
-    return jax.lax.split(y, (h3 // 3,) * 3, axis=-3)
+        y = y + jnp.concatenate([a[f"b_{n}"] for n in names], axis=0)
+    y = jnp.moveaxis(y, -2, -3)  # [batch, n*h, pos, d_head]
+    heads = jax.lax.split(y, (hn // len(names),) * len(names), axis=-3)
+    if q_at is None:
+        return heads
+    q = dense(x[:, q_at], a["W_Q"].transpose(1, 0, 2).reshape(d, -1)).reshape(x.shape[0], len(q_at), -1, e)
+    if bias:
+        q = q + a["b_Q"]
+    return (jnp.moveaxis(q, -2, -3), *heads)
 
 
 def build_model(cfg: ModelConfig, task, seed: int) -> Transformer:
