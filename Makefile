@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench bench-tl-env venv clean
+.PHONY: demo test test-slow lint bench bench-tl-env device-wheels venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ bench: $(STAMP)
 bench-tl-env:
 	test -d .venv-tl || $(PY) -m venv .venv-tl
 	.venv-tl/bin/python -m pip install -q -r bench/requirements-tl.txt
+
+# the lab's pure-Python needs that an accelerator machine without package access lacks (JAX, flax, optax,
+# orbax there are its own), as wheels in .whl/ for bench/accelerator.sh
+device-wheels: $(STAMP)
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl \
+		$$($(BIN)/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(hydra-core|omegaconf|antlr4-python3-runtime)==')
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

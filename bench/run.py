@@ -12,11 +12,13 @@ Sections:
 - clamps: steady-state steps/s of the demo model with each clamp kind vs no clamp;
 - logging: a whole `fit` at the default cadence (evaluators + measures) vs the same steps unlogged;
 - demo: wall time from `lab train experiment=demo` to the end of its detected transition, compile included.
-`python bench/run.py SECONDS [SECTION ...]` runs some sections only.
+`python bench/run.py SECONDS [SECTION ...] [--runs 1,16,256]` runs some sections only (and other
+vmapped run counts); on an accelerator the vmapped section goes up to 256 runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -283,13 +285,50 @@ def bench_demo() -> dict:
 SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo")
 
 
+def _cpu_ticks() -> list[int] | None:
+    """The machine's CPU time counters (user, nice, system, idle, iowait, irq, softirq, steal), or None."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def _runs(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--runs={text!r}: a comma-separated list of run counts >= 1, e.g. 1,16,256")
+    return counts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("seconds", nargs="?", type=float, default=3.0, help="measuring time per condition (default 3)")
+    p.add_argument("sections", nargs="*", metavar="SECTION",
+                   help=f"sections to run (default all): {', '.join(SECTIONS)}")
+    p.add_argument("--runs", type=_runs, default=None,
+                   help="vmapped singh_fewshot run counts (default 1,2,...,64 on the CPU, 1,2,...,256 on an "
+                        "accelerator)")
+    args = p.parse_args(argv)
+    for name in args.sections:
+        if name not in SECTIONS:
+            p.error(f"SECTION={name!r}: one of {', '.join(SECTIONS)}")
+    args.sections = args.sections or list(SECTIONS)
+    return args
+
+
 def main():
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
-    wanted = sys.argv[2:] or SECTIONS
+    args = parse_args()
+    seconds, wanted = args.seconds, args.sections
+    accel = jax.default_backend() != "cpu"
+    counts = args.runs or ((1, 2, 4, 8, 16, 32, 64, 128, 256) if accel else (1, 2, 4, 8, 16, 32, 64))
+    ticks0 = _cpu_ticks()
     out = Path(__file__).parent / "results.json"
     results = json.loads(out.read_text()) if out.exists() and len(wanted) < len(SECTIONS) else {}
-    results["machine"] = {"platform": platform.platform(), "device": str(jax.devices()[0].device_kind),
-                          "cpus": os.cpu_count()}
+    results["machine"] = {"platform": platform.platform(), "backend": jax.default_backend(),
+                          "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count()}
     peak = results.get("peak_gflops")
     if "peak" in wanted or peak is None:
         print("peak:", file=sys.stderr)
@@ -303,7 +342,7 @@ def main():
     if "vmapped" in wanted:
         print("vmapped runs (one program):", file=sys.stderr)
         results["vmapped"] = {
-            "singh_fewshot": bench_vmapped(seconds, peak, "singh_fewshot", (1, 2, 4, 8, 16, 32, 64), 50),
+            "singh_fewshot": bench_vmapped(seconds, peak, "singh_fewshot", counts, 50),
             "olsson_repeat": bench_vmapped(seconds, peak, "olsson_repeat", (1, 4, 16), 5)}
     if "memory" in wanted:
         print("memory:", file=sys.stderr)
@@ -317,6 +356,14 @@ def main():
     if "demo" in wanted:
         print("demo (cold compilation cache):", file=sys.stderr)
         results["demo"] = bench_demo()
+    ticks1 = _cpu_ticks()
+    if ticks0 and ticks1:
+        # time the hypervisor gave this VM's CPUs to others while the bench ran: the noise behind
+        # figures that drift between runs (a share of all CPU time, idle included)
+        d = [b - a for a, b in zip(ticks0, ticks1, strict=True)]
+        results["machine"]["steal_fraction"] = d[7] / max(sum(d), 1)
+        print(f"CPU time stolen by the hypervisor during the bench: {100 * d[7] / max(sum(d), 1):.1f} %",
+              file=sys.stderr)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}", file=sys.stderr)
 
