@@ -172,8 +172,25 @@ def _refuse_targets(node, path: str = "") -> None:
             _refuse_targets(node._get_node(k), name)
 
 
+def _refuse_unknown(node, path: str = "") -> None:
+    """A field that its schema lacks. Hydra lets `+trainer.stepz=10` add one, and converting to the dataclass
+    would then drop it silently; dict-typed fields (clamps, task_values, measures.clamps) take any name."""
+    import dataclasses
+
+    cls = OmegaConf.get_type(node)
+    if not (isinstance(node, DictConfig) and dataclasses.is_dataclass(cls)):
+        return
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in node.keys():
+        name = f"{path}.{k}" if path else str(k)
+        if str(k) not in names:
+            raise LabError(f"{name}: unknown field; fields: {', '.join(names)}")
+        _refuse_unknown(node._get_node(k), name)
+
+
 def to_config(node: DictConfig) -> Config:
     _refuse_targets(node)
+    _refuse_unknown(node)
     try:
         cfg = OmegaConf.to_object(node)
     except Exception as e:

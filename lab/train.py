@@ -120,6 +120,8 @@ class Trainer:
         self.run_fn = jax.jit(self._run, donate_argnums=0)  # (state, n < steps_per_call): a remainder, one call
         self.step_fn = jax.jit(self._step, donate_argnums=0)  # one step (tests, FLOP counts)
         self.eval_fn = jax.jit(self._evaluate, static_argnames="clamps")
+        self.finite_fn = jax.jit(self._finite)  # per run: are all parameters finite
+
 
     # ---- pure functions ------------------------------------------------------------------
     def init_state(self, params: dict | None = None, seed: int | None = None) -> dict:
@@ -171,13 +173,18 @@ class Trainer:
         ratio = optax.global_norm(updates) / jnp.maximum(optax.global_norm(state["params"]), 1e-12)
         out = {"loss": loss, "grad_norm": gnorm, "update_ratio": ratio}
         if self.cfg.trainer.on_nonfinite == "skip":  # a non-finite step leaves parameters and optimiser as they were
-            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(ratio)
             keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
             params = jax.tree_util.tree_map(keep, params, state["params"])
             opt_state = jax.tree_util.tree_map(keep, opt_state, state["opt_state"])
             out["skipped"] = (~ok).astype(jnp.float32)
         new.update(params=params, opt_state=opt_state, step=step + 1)
         return new, out
+
+    def _finite(self, params) -> jax.Array:
+        lead = 1 if self.runs else 0  # a BatchTrainer's parameters carry the run axis first
+        leaves = jax.tree_util.tree_leaves(params)
+        return jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(lead, x.ndim))) for x in leaves]).all(0)
 
     def _scan(self, state):
         return jax.lax.scan(lambda s, _: self._step(s), state, None, length=self.chunk)
@@ -353,7 +360,7 @@ class Trainer:
             return (f"every step from {s0} to {step - 1} was non-finite and skipped{self.run_label(i)}; stopping "
                     "(the last good checkpoint is kept)")
         for j in range(host["loss"].shape[0]):
-            for k, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+            for k, name in (("loss", "loss"), ("grad_norm", "gradient norm"), ("update_ratio", "update")):
                 if not math.isfinite(float(host[k][j])):
                     return (f"non-finite {name}={float(host[k][j])} at step {s0 + j}{self.run_label(i)}; stopping "
                             "(the last good checkpoint is kept; trainer.on_nonfinite=skip skips such steps)")
@@ -384,8 +391,16 @@ class Trainer:
             for i in idx:
                 for k, v in stats.items():
                     rows[i][k] = float(np.asarray(v).reshape(-1)[i])
-                if not all(math.isfinite(rows[i][k]) for k in ("train/batch_loss", "train/grad_norm")):
+                if not all(math.isfinite(rows[i][k]) for k in ("train/batch_loss", "train/grad_norm",
+                                                               "train/update_ratio")):
                     raise NonFiniteError(self._nonfinite_message(per_step, i, s0, step, skip))
+        # a finite loss, gradient and update can still overflow the parameters they are added to: nothing
+        # (evaluators, measures, checkpoints) reads non-finite parameters
+        finite = np.asarray(self.finite_fn(state["params"])).reshape(-1)
+        for i in due:
+            if not finite[i]:
+                raise NonFiniteError(f"non-finite parameters by step {step}{self.run_label(i)}; stopping (the last "
+                                     "good checkpoint is kept; lower optim.lr or set optim.clip_norm)")
         evals = self.evaluate_runs(state)
         measures = self.measure_runs(state, due)
         out = []

@@ -19,6 +19,7 @@ from lab.checkpoint import Checkpointer
 from lab.config import load_config
 from lab.run import train_run
 from lab.tracking import read_metrics
+from lab.train import NonFiniteError
 from tests.conftest import ROOT, TINY, lab_cmd
 
 
@@ -215,6 +216,8 @@ TABLE = [
     (["+clamps.x={site: blocks.0.hook_attn_out, value: zero, windows: [[5]]}"], "clamps.x.windows"),
     (["+clamps.x={site: blocks.0.hook_attn_out, value: zero, gradient: sideways}"], "clamps.x.gradient"),
     (["+_target_=os.system"], "_target_"),
+    (["+trainer.stepz=10"], "trainer.stepz: unknown field"),  # `+` may add keys to dicts, not to schemas
+    (["+foo=1"], "foo: unknown field"),
     (["run.dir={tmp}/afile/run"], "run.dir"),
 ]
 
@@ -276,3 +279,15 @@ def test_bad_run_directories_table(finished_run, tmp_path, capsys):
     assert Checkpointer(broken / "checkpoints", read_only=True).steps() == [0, 30, 60]  # 60 recomputed from 30
     assert [r["step"] for r in read_metrics(broken / "metrics.jsonl")] == \
         [r["step"] for r in read_metrics(finished_run / "metrics.jsonl")]
+
+
+def test_a_diverging_update_stops_before_anything_reads_its_parameters(tiny, tmp_path):
+    # sgd at lr 1e8: step 2's loss and gradient are finite, its update is not, and the log-spaced rows stop right
+    # after it. The run must stop there, naming the update, before the measures (the copying scores take
+    # eigenvalues) or a checkpoint read the parameters it produced.
+    ov = [o for o in tiny if not o.startswith(("measures.names", "trainer.eval_log_points"))]
+    ov += ["optim=sgd", "optim.lr=1e8", "trainer.eval_log_points=20", "measures.names=[copying]",
+           f"run.dir={tmp_path / 'r'}"]
+    cfg, node = load_config(ov)
+    with pytest.raises(NonFiniteError, match=r"non-finite update=(inf|nan) at step \d+;"):
+        train_run(cfg, node, quiet=True, overrides=ov)

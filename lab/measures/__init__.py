@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lab.errors import check
 from lab.measures import attention as att
@@ -134,13 +135,19 @@ class Measures:
         if self.llc_fn is not None:
             row["llc/estimate"] = float(self.llc_fn(params))
         if any(n in WEIGHTS for n in self.names):
-            host = jax.device_get(params)
-            if "copying" in self.names:
-                row.update(circuits.copying_scores(host, self.task.n_outputs))
-            if "composition" in self.names:
-                row.update(circuits.composition_scores(host))
-            if "param_norm" in self.names:
-                row.update(circuits.param_norms(host))
-            if "memory_recall" in self.names:
-                row.update(circuits.memory_recall(host, self.model._consts, self.task.n_outputs))
+            with np.errstate(over="ignore", invalid="ignore"):  # weights on their way to diverging: inf, not noise
+                row.update(self._weight_measures(jax.device_get(params)))
+        return row
+
+    def _weight_measures(self, host) -> dict[str, float]:
+        """The measures computed on the host from the parameters (numpy)."""
+        row = {}
+        if "copying" in self.names:
+            row.update(circuits.copying_scores(host, self.task.n_outputs))
+        if "composition" in self.names:
+            row.update(circuits.composition_scores(host))
+        if "param_norm" in self.names:
+            row.update(circuits.param_norms(host))
+        if "memory_recall" in self.names:
+            row.update(circuits.memory_recall(host, self.model._consts, self.task.n_outputs))
         return row
