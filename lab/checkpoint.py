@@ -8,6 +8,7 @@ temporary directory and renames it when complete, so a step directory that exist
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +41,17 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=not read_only,
-            read_only=read_only,
+            read_only=read_only, **({"save_interval_steps": 0} if read_only else {}),
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+        # orbax warns that a read-only manager is read-only: noise on every resume, fork and replay
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:
+            absl_log.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=opts)
+        finally:
+            absl_log.setLevel(level)
 
     def save(self, step: int, state, config: dict | None = None) -> None:
         """Save ``state`` as checkpoint ``step``. A step already committed is left as it is: a run is a pure

@@ -128,17 +128,20 @@ def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str |
              quiet: bool = False) -> Path:
     """A new run that starts from the parent's checkpoint at ``step`` (parameters, optimiser state,
     data stream) with changed settings; it records its parent and the step."""
-    from lab.run import _write_config, default_run_dir, execute, resolve_run_dir
+    from lab.run import _write_config, execute, resolve_run_dir
 
     parent = check_run_dir(parent)
     steps = complete_steps(parent)
     if step not in steps:
         raise LabError(f"--step={step}: no complete checkpoint at that step in {parent}; have {steps}")
     cfg, node = load_run_config(parent, overrides)
+    # where the fork goes: --out, else a run.dir override, else beside the parent (PARENT-forkSTEP)
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("run.dir=")]
+    run_dir = run_dir or (given[-1] if given else None)
     if run_dir:
         cfg.run.dir = run_dir
     else:
-        base = default_run_dir(cfg).parent / f"{parent.name}-fork{step}"
+        base = parent.parent / f"{parent.name}-fork{step}"
         path, i = base, 1
         while path.exists():
             i += 1

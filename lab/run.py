@@ -215,6 +215,7 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
         summary = {
             "experiment": c.experiment, "condition": conditions[i], "seed": c.seed,
             "task": c.task.name, "steps": c.trainer.steps, "batch_size": c.trainer.batch_size,
+            "steps_this_session": c.trainer.steps - start_step,  # fewer than steps for a resume or fork
             "wall_time_s": wall, "steps_per_sec": (c.trainer.steps - start_step) / wall,
             "final": final, "phase": phase, "checkpoints": ckpts[i].steps(), "versions": versions(),
         }
@@ -236,7 +237,9 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:
-    lines = [f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f} s "
+    ran = summary.get("steps_this_session", summary["steps"])
+    upto = f" (from step {summary['steps'] - ran} to {summary['steps']})" if ran != summary["steps"] else ""
+    lines = [f"done: {ran} steps{upto} in {summary['wall_time_s']:.1f} s "
              f"({summary['steps_per_sec']:.0f} steps/s, compilation included)"]
     fin = summary["final"]
     shown = [k for k in fin if k.endswith("/loss") or k.endswith("acc")][:8]

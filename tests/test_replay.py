@@ -6,6 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import yaml
 
 from lab.checkpoint import Checkpointer
 from lab.cli import main
@@ -75,16 +76,17 @@ def test_fork_without_changes_continues_like_parent(parent, tmp_path):
         np.testing.assert_array_equal(x, y)
     summary = json.loads((fork / "summary.json").read_text())
     assert summary["parent"] == {"run_dir": str(src), "step": 15, "overrides": []}
-    import yaml
-
     assert yaml.safe_load((fork / "config.yaml").read_text())["run"]["dir"] == str(fork)
 
 
 def test_fork_with_clamp_changes_the_continuation(parent, tmp_path):
     src, _ = parent
-    fork = fork_run(src, 15, ["clamp=prev_token"], run_dir=str(tmp_path / "fork_clamp"), quiet=True)
+    # the fork's directory given as an override, as on the command line (`lab fork RUN --step 15 run.dir=...`)
+    fork = fork_run(src, 15, ["clamp=prev_token", f"run.dir={tmp_path / 'fork_clamp'}"], quiet=True)
+    assert fork == tmp_path / "fork_clamp"
+    assert yaml.safe_load((fork / "config.yaml").read_text())["run"]["dir"] == str(fork)
     s = json.loads((fork / "summary.json").read_text())
-    assert s["condition"] == "prev_token"
+    assert s["condition"] == "prev_token" and s["steps_this_session"] == s["steps"] - 15
     rows = {r["step"]: r for r in read_metrics(fork / "metrics.jsonl")}
     parent_rows = {r["step"]: r for r in read_metrics(src / "metrics.jsonl")}
     # the clamp acts from the fork's first row on (evaluation is clamped too) ...
