@@ -175,6 +175,10 @@ class Transformer:
         _, params, consts = nnx.split(weights, nnx.Param, Const)
         self._init_params = _str_keys(params.to_pure_dict())
         self._consts = _str_keys(consts.to_pure_dict())
+        names = self.param_names()
+        for pat in cfg.freeze:  # a typo would otherwise freeze nothing, silently
+            check(any(fnmatch.fnmatchcase(n, pat) for n in names), "model.freeze", list(cfg.freeze),
+                  f"{pat!r} matches no parameter; they are {', '.join(names)}")
 
     # ---- the functional core -------------------------------------------------------------
     def params(self) -> dict:

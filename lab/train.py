@@ -121,6 +121,12 @@ class Trainer:
         self.step_fn = jax.jit(self._step, donate_argnums=0)  # one step (tests, FLOP counts)
         self.eval_fn = jax.jit(self._evaluate, static_argnames="clamps")
         self.finite_fn = jax.jit(self._finite)  # per run: are all parameters finite
+        if cfg.watch:  # a typo would otherwise surface only after training, as "no transition detected"
+            names = self.metric_names()
+            if names is not None and cfg.watch not in names:
+                heads = sorted({n.split("/")[0] + "/L{l}H{h}" for n in names if "/L" in n and n[-1].isdigit()})
+                shown = [n for n in names if not ("/L" in n and n[-1].isdigit())] + heads
+                check(False, "watch", cfg.watch, f"a metric this run logs: {', '.join(shown)}")
 
 
     # ---- pure functions ------------------------------------------------------------------
@@ -180,6 +186,21 @@ class Trainer:
             out["skipped"] = (~ok).astype(jnp.float32)
         new.update(params=params, opt_state=opt_state, step=step + 1)
         return new, out
+
+    def metric_names(self) -> list[str] | None:
+        """The names of the metrics in this run's rows (the evaluators' from shapes alone; the measures by
+        computing them once at the initial parameters); None where a clamp's view cannot be traced here."""
+        params = self.model.params()
+        names = {"train/batch_loss", "train/grad_norm", "train/update_ratio", "train/loss"}
+        try:
+            for name, batch in self.task.evals.items():
+                for suffix, clamps in self._views():
+                    keys = jax.eval_shape(lambda p, b, c=clamps: self._evaluate(p, b, clamps=c), params, batch)
+                    names |= {f"{name}{suffix}/{k}" for k in keys if suffix in ("", "@unclamped") or k == "loss"}
+        except Exception:  # e.g. a frozen clamp's view needs its snapshot: do not refuse what may be right
+            return None
+        names |= set(self.measures(params))
+        return sorted(names)
 
     def _finite(self, params) -> jax.Array:
         lead = 1 if self.runs else 0  # a BatchTrainer's parameters carry the run axis first

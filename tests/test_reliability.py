@@ -218,6 +218,9 @@ TABLE = [
     (["+_target_=os.system"], "_target_"),
     (["+trainer.stepz=10"], "trainer.stepz: unknown field"),  # `+` may add keys to dicts, not to schemas
     (["+foo=1"], "foo: unknown field"),
+    (["model.freeze=[blocks.0.atn.*]"], "'blocks.0.atn.*' matches no parameter"),
+    (["measures.names=[induction_strength]"], "induction_strength needs a classification task"),
+    (["watch=test/los"], "watch='test/los': a metric this run logs: "),
     (["run.dir={tmp}/afile/run"], "run.dir"),
 ]
 

@@ -76,7 +76,11 @@ def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
     for n in names:
         if n in ATTENTION:
             _, tokens_only, cls_only = ATTENTION[n]
-            if (tokens_only and task.feature_dim) or (cls_only and not task.classification):
+            why = ("a task without continuous features" if tokens_only and task.feature_dim else
+                   "a classification task" if cls_only and not task.classification else None)
+            if why:
+                if n in cfg.names:  # asked for by name, not by auto: say so rather than drop it
+                    check(False, "measures.names", list(cfg.names), f"{n} needs {why}; task {task.cfg.name} is not")
                 continue
         usable.append(n)
     return usable
