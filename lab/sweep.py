@@ -127,11 +127,44 @@ def default_sweep_dir(overrides: list[str]) -> Path:
     return Path("runs") / "sweeps" / f"{exp}-{digest}"
 
 
+def check_jobs(overrides: list[str]) -> None:
+    """Compose and check every value of every swept key (the others at their first value) as `lab train`
+    would, before hydra starts: a typo in a sweep then gets the lab's one-line error, exit 2, and no sweep
+    directory, instead of hydra's multi-line one after it wrote multirun.yaml. Interval sweeps (no list
+    of values) and hydra's own keys are left to hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lab.config import _one_line as one_line
+    from lab.config import load_config
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # hydra's grammar errors span lines
+        raise LabError(f"sweep {' '.join(overrides)}: {one_line(e)}") from None
+    fixed, swept = [], []
+    for o in parsed:
+        key = o.get_key_element()
+        if key.lstrip("+~").startswith(("hydra.", "hydra/")):
+            continue
+        if not o.is_sweep_override():
+            fixed.append(f"{key}={o.get_value_element_as_str()}")
+            continue
+        try:
+            swept.append((key, list(o.sweep_string_iterator())))
+        except Exception:  # noqa: BLE001 - interval() and the like have no values to list
+            continue
+    first = [f"{k}={v[0]}" for k, v in swept]
+    for i, (k, values) in enumerate(swept):
+        for v in values:
+            load_config([*fixed, *first[:i], f"{k}={v}", *first[i + 1:]])
+
+
 def run_sweep(overrides: list[str], quiet: bool = False) -> Path:
     """Run a hydra multirun of `overrides`; returns the sweep directory. Exit status: failed jobs."""
     given = [o for o in overrides if o.startswith("hydra.sweep.dir=")]
     sweep_dir = Path(given[-1].split("=", 1)[1]) if given else default_sweep_dir(overrides)
     rest = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
+    check_jobs(rest)
     argv = [sys.argv[0], "--multirun", *rest, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
             "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     # jobs that share a GPU must not each reserve most of its memory (JAX's default); they inherit this

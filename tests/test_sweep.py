@@ -19,6 +19,19 @@ QUICK_SINGH = ["experiment=singh_fewshot", "tracking.wandb.mode=disabled", "trai
                "model.n_heads=2", "model.d_model=16"]
 
 
+@pytest.mark.parametrize("swept,names", [(["trainer.stepz=1,2"], "trainer.stepz: unknown field"),
+                                          (["experiment=nope,demo"], "unknown experiment 'nope'"),
+                                          (["seed=0,1", "trainer.steps=10,-1"], "trainer.steps=-1: must be >= 1")])
+def test_a_bad_sweep_is_refused_in_one_line_before_hydra_writes_anything(swept, names, tmp_path, capsys):
+    from lab import cli
+
+    sweep = tmp_path / "sw"
+    rc = cli.main(["train", "-m", *TINY, *swept, f"hydra.sweep.dir={sweep}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and names in err[0], err
+    assert not sweep.exists()
+
+
 def _index(sweep):
     return {int(k): v for k, v in json.loads((sweep / "sweep.json").read_text())["jobs"].items()}
 
