@@ -39,7 +39,8 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
         axes[0].set_title(f"{watch}: transition midpoint(s) " + ", ".join(f"{t['mid']:.0f}" for t in transitions),
                           fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    # fixed margins: tight_layout draws the figure once more to measure it, as long as the savefig itself
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.87, wspace=0.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -146,15 +146,21 @@ def test_singh_presets_run_on_fewshot():
     cfg, _ = load_config(["experiment=singh_fewshot", "clamp=[perfect_match,single_head]",
                           "tracking.wandb.mode=disabled", "task.eval_size=20", "measures.names=[none]"])
     tr = Trainer(cfg)
-    batch = tr.task.sample(jax.random.PRNGKey(0), 8)
     params = tr.model.params()
-    hooks = tr.clamps.hooks(params, batch, 0, capture=["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v"])
-    logits = tr.model.apply(params, batch, hooks)
-    pat = np.asarray(hooks.cache["blocks.1.attn.hook_pattern"])
+    sites = ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v"]
+
+    @jax.jit  # op by op, the sampler and the clamped forward pass compile hundreds of one-op programs
+    def forward(params, key):
+        batch = tr.task.sample(key, 8)
+        hooks = tr.clamps.hooks(params, batch, 0, capture=sites)
+        return batch, tr.model.apply(params, batch, hooks), hooks.cache
+
+    batch, logits, cache = forward(params, jax.random.PRNGKey(0))
+    pat = np.asarray(cache["blocks.1.attn.hook_pattern"])
     q = tr.task.query_positions[0]
     match = np.asarray(batch["query_match"])
     np.testing.assert_allclose(pat[:, :, q, :], np.broadcast_to(match[:, None, :], pat[:, :, q, :].shape), atol=1e-6)
-    assert np.all(np.asarray(hooks.cache["blocks.1.attn.hook_v"])[:, :, 1:] == 0)
+    assert np.all(np.asarray(cache["blocks.1.attn.hook_v"])[:, :, 1:] == 0)
     assert np.isfinite(float(masked_nll(logits, batch)))
     assert tr.clamps.condition == "layer0+match+single_head"
 
