@@ -238,8 +238,10 @@ class BatchTrainer(Trainer):
                 "devices": len(jax.devices())}
         if limit is not None and need > limit:
             fit = int(limit // per_run)
+            has = (f"the limit is trainer.memory_limit_gb={limit / GiB:g}" if limit_bytes is not None
+                   else f"{limit / GiB:.2f} GiB is free on {jax.devices()[0].device_kind}")
             raise LabError(f"trainer.seeds: {self.runs} runs need {need / GiB:.2f} GiB ({per_run / GiB:.3f} GiB each) "
-                           f"but {limit / GiB:.2f} GiB is free on {jax.devices()[0].device_kind}; at most {fit} fit")
+                           f"but {has}; at most {fit} fit")
         self.scan_fn = compiled  # the program just compiled is the one that runs
         return info
 

@@ -144,6 +144,19 @@ def _unknown_key_message(msg: str) -> str | None:
     return f"{full}: unknown field{allowed}"
 
 
+def _type_message(msg: str) -> str | None:
+    """OmegaConf's wording for a value of the wrong type, as the lab's: the field, the value, what is allowed."""
+    import re
+
+    m = re.search(r"Error merging override (\S+?)=(.*?): Value '.*' (?:of type '\w+' could not be converted to "
+                  r"(\w+)|is not a valid (bool))", msg)
+    if not m:
+        return None
+    key, value, kind = m.group(1).lstrip("+~"), m.group(2), (m.group(3) or m.group(4)).lower()
+    allowed = {"integer": "an integer", "float": "a number", "bool": "true or false", "boolean": "true or false"}
+    return f"{key}={value}: must be {allowed.get(kind, kind)}"
+
+
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The composed config as an OmegaConf node (schemas checked, values not yet)."""
     import hydra
@@ -155,7 +168,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="lab"):
             cfg = hydra.compose(config_name="config", overrides=list(overrides))
     except Exception as e:  # hydra and omegaconf raise several types; all are bad input here
-        raise LabError(_unknown_key_message(_one_line(e)) or _one_line(e)) from e
+        msg = _one_line(e)
+        raise LabError(_type_message(msg) or _unknown_key_message(msg) or msg) from e
     finally:
         GlobalHydra.instance().clear()
     return cfg
@@ -188,7 +202,8 @@ def _refuse_unknown(node, path: str = "") -> None:
         _refuse_unknown(node._get_node(k), name)
 
 
-def to_config(node: DictConfig) -> Config:
+def to_config(node: DictConfig, validate: bool = True) -> Config:
+    """The typed config of a composed node; ``validate``: also check every value (else the schema only)."""
     _refuse_targets(node)
     _refuse_unknown(node)
     try:
@@ -203,7 +218,8 @@ def to_config(node: DictConfig) -> Config:
         if c.value == "frozen":
             raise LabError(f"measures.clamps.{n}.value=frozen: a probe clamp has no window of its own to freeze at; "
                            "use value=reference with a checkpoint of this run")
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 

@@ -128,14 +128,15 @@ def default_sweep_dir(overrides: list[str]) -> Path:
 
 
 def check_jobs(overrides: list[str]) -> None:
-    """Compose and check every value of every swept key (the others at their first value) as `lab train`
-    would, before hydra starts: a typo in a sweep then gets the lab's one-line error, exit 2, and no sweep
-    directory, instead of hydra's multi-line one after it wrote multirun.yaml. Interval sweeps (no list
-    of values) and hydra's own keys are left to hydra."""
+    """Compose every value of every swept key (the others at their first value) against the schemas before
+    hydra starts: an unknown field, option or type then gets the lab's one-line error, exit 2, and no sweep
+    directory, instead of hydra's multi-line one after it wrote multirun.yaml. Values are checked by each
+    job, as before: a job whose input is missing or out of range fails alone, recorded in sweep.json, and
+    a rerun retries it. Interval sweeps (no list of values) and hydra's own keys are left to hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from lab.config import _one_line as one_line
-    from lab.config import load_config
+    from lab.config import compose, to_config
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -156,7 +157,7 @@ def check_jobs(overrides: list[str]) -> None:
     first = [f"{k}={v[0]}" for k, v in swept]
     for i, (k, values) in enumerate(swept):
         for v in values:
-            load_config([*fixed, *first[:i], f"{k}={v}", *first[i + 1:]])
+            to_config(compose([*fixed, *first[:i], f"{k}={v}", *first[i + 1:]]), validate=False)
 
 
 def run_sweep(overrides: list[str], quiet: bool = False) -> Path:

@@ -221,6 +221,8 @@ TABLE = [
     (["model.freeze=[blocks.0.atn.*]"], "'blocks.0.atn.*' matches no parameter"),
     (["measures.names=[induction_strength]"], "induction_strength needs a classification task"),
     (["watch=test/los"], "watch='test/los': a metric this run logs: "),
+    (["optim.lr=abc"], "optim.lr=abc: must be a number"),
+    (["trainer.progress=maybe"], "trainer.progress=maybe: must be true or false"),
     (["run.dir={tmp}/afile/run"], "run.dir"),
 ]
 

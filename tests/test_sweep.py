@@ -21,7 +21,7 @@ QUICK_SINGH = ["experiment=singh_fewshot", "tracking.wandb.mode=disabled", "trai
 
 @pytest.mark.parametrize("swept,names", [(["trainer.stepz=1,2"], "trainer.stepz: unknown field"),
                                           (["experiment=nope,demo"], "unknown experiment 'nope'"),
-                                          (["seed=0,1", "trainer.steps=10,-1"], "trainer.steps=-1: must be >= 1")])
+                                          (["seed=0,1", "trainer.steps=10,ten"], "trainer.steps=ten")])
 def test_a_bad_sweep_is_refused_in_one_line_before_hydra_writes_anything(swept, names, tmp_path, capsys):
     from lab import cli
 
