@@ -107,6 +107,7 @@ class Trainer:
         any_frozen = any(jax.tree_util.tree_leaves(frozen))
         # the optimiser at a rate: cfg's (None), or a batched run's own (state["lr"], traced)
         self.opt_at = lambda lr: make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None, lr=lr)
+        self.frozen = frozen if any_frozen else None  # model.freeze: the step computes no gradient for these
         self.opt = self.opt_at(None)
         self.clamps = ClampSet(getattr(cfg, "clamps", None) or {}, self.model, self.task)
         trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
@@ -170,8 +171,13 @@ class Trainer:
         if "frozen" in state:
             new["frozen"] = self.clamps.update_frozen(state["frozen"], state["params"], step)
         batch = self.batch_at(state["key"], step, state.get("task"))
-        loss, grads = jax.value_and_grad(self.clamped_loss)(state["params"], batch, step, new.get("frozen"),
-                                                           state.get("gates"))
+
+        def loss_fn(params):
+            if self.frozen is not None:  # frozen weights' gradients (matmuls as large as the forward's) never computed
+                params = jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen)
+            return self.clamped_loss(params, batch, step, new.get("frozen"), state.get("gates"))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         opt = self.opt if "lr" not in state else self.opt_at(state["lr"])
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)

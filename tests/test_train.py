@@ -123,3 +123,25 @@ def test_classification_loss_read_out_at_the_query_equals_the_full_forward():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     readout = jax.eval_shape(lambda p, b: tr.model.apply(p, b, readout=tr.task.query_positions), params, batch)
     assert readout.shape[1] == 1
+
+
+def test_frozen_parameters_get_no_gradient_and_the_rest_their_full_one(tiny):
+    """model.freeze: the step differentiates the trainable parameters only (frozen ones' weight gradients are
+    never computed), so the logged gradient norm is the trainable parameters' and frozen weights stay put."""
+    import optax
+
+    cfg, _ = load_config(tiny + ["model.freeze=[blocks.0.attn.W_V,unembed.*]"])
+    tr = Trainer(cfg)
+    state = tr.init_state()
+    params0 = jax.device_get(state["params"])
+    batch = jax.jit(tr.batch_at)(state["key"], 0)
+    full = jax.jit(jax.grad(tr.loss))(state["params"], batch)  # every parameter differentiated
+    trainable = jax.tree_util.tree_map(lambda g, f: g * 0 if f else g, full, tr.frozen)
+    assert float(optax.global_norm(full)) > float(optax.global_norm(trainable)) > 0
+    new, out = tr.step_fn(state)
+    np.testing.assert_allclose(float(out["grad_norm"]), float(optax.global_norm(trainable)), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(new["params"]["unembed"]["W_U"]), params0["unembed"]["W_U"])
+    np.testing.assert_array_equal(np.asarray(new["params"]["blocks"]["0"]["attn"]["W_V"]),
+                                  params0["blocks"]["0"]["attn"]["W_V"])
+    w_k = params0["blocks"]["0"]["attn"]["W_K"]
+    assert not np.array_equal(np.asarray(new["params"]["blocks"]["0"]["attn"]["W_K"]), w_k)
