@@ -255,7 +255,7 @@ class Transformer:
                 ln = p["blocks"][str(layer)]["ln1"]
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
             scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
-            qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at)  # [batch, head, pos, d_head]
+            qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at, q_identity=cfg.wq_identity)  # [batch, head, pos, d_head]
             tl_sites = [f"{b}.attn.hook_{s}" for s in ("q", "k", "v", "rot_q", "rot_k")]
             if cfg.positions == "rope" or any(hooks.wants(n) for n in tl_sites):
                 # TransformerLens's layout [batch, pos, head, d_head] at the q/k/v sites
@@ -307,12 +307,13 @@ class Transformer:
         return logits, hooks.cache
 
 
-def _qkv(x, a, bias: bool, q_at=None):
+def _qkv(x, a, bias: bool, q_at=None, q_identity: bool = False):
     """Q, K and V of every head, [batch, head, pos, d_head] each, from one matmul (XLA on the CPU is slow
     on many small per-head matmuls; one wide one keeps it near its matmul peak). The head-major layout
     is the one the attention's batched matmuls read; lax.split's backward pass is one concatenation.
-    ``q_at``: compute queries only at these positions (K and V still everywhere)."""
-    names = ("Q", "K", "V") if q_at is None else ("K", "V")
+    ``q_at``: compute queries only at these positions (K and V still everywhere). ``q_identity``: W_Q is
+    the identity (Bietti), so every head's query is its input, exactly, with no matmul."""
+    names = ("Q", "K", "V") if q_at is None and not q_identity else ("K", "V")
     w = jnp.concatenate([a[f"W_{n}"] for n in names], axis=0)  # [3h, d, e]
     hn, d, e = w.shape
     y = dense(x, w.transpose(1, 0, 2).reshape(d, hn * e)).reshape(*x.shape[:-1], hn, e)
@@ -320,9 +321,14 @@ def _qkv(x, a, bias: bool, q_at=None):
         y = y + jnp.concatenate([a[f"b_{n}"] for n in names], axis=0)
     y = jnp.moveaxis(y, -2, -3)  # [batch, n*h, pos, d_head]
     heads = jax.lax.split(y, (hn // len(names),) * len(names), axis=-3)
-    if q_at is None:
+    if len(names) == 3:
         return heads
-    q = dense(x[:, q_at], a["W_Q"].transpose(1, 0, 2).reshape(d, -1)).reshape(x.shape[0], len(q_at), -1, e)
+    xq = x if q_at is None else x[:, q_at]
+    h = heads[0].shape[-3]
+    if q_identity:
+        q = jnp.broadcast_to(xq[..., None, :], (*xq.shape[:-1], h, e))
+    else:
+        q = dense(xq, a["W_Q"].transpose(1, 0, 2).reshape(d, -1)).reshape(*xq.shape[:-1], h, e)
     if bias:
         q = q + a["b_Q"]
     return (jnp.moveaxis(q, -2, -3), *heads)

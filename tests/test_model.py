@@ -150,3 +150,31 @@ def test_readout_shortcuts_give_the_full_models_logits_and_gradients(kind):
     assert float(jnp.abs(g1["blocks"]["0"]["attn"]["W_K"]).max()) > 0  # gradient reaches the first layer
     np.testing.assert_allclose(np.asarray(jax.jit(short.apply)(p, batch)), np.asarray(jax.jit(full.apply)(p, batch)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_identity_queries_equal_a_query_matrix_that_is_the_identity(heads=2, bias=True):
+    # W_Q = I (Bietti) skips the query matmul: logits and gradients must be those of a model whose W_Q is an
+    # ordinary parameter set to the identity, in the full forward pass and read out at one position
+    d = 8
+    kw = dict(n_layers=2, n_heads=heads, d_model=d, d_head=d, bias=bias, use_wo=True)
+    ident = Transformer(ModelConfig(wq_identity=True, **kw), seq_len=T, vocab_size=V, n_outputs=V, seed=1)
+    plain = Transformer(ModelConfig(**kw), seq_len=T, vocab_size=V, n_outputs=V, seed=1)
+    p_ident = ident.params()
+    p_plain = jax.tree_util.tree_map(lambda x: x, p_ident)
+    for layer in ("0", "1"):
+        p_plain["blocks"][layer]["attn"]["W_Q"] = jnp.broadcast_to(jnp.eye(d), (heads, d, d))
+    batch = tokens()
+
+    def run(m, readout):
+        def f(p):
+            out = m.apply(p, batch, readout=readout)
+            return jnp.mean(jax.nn.log_softmax(out)[..., 1]), out
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    for readout in (None, (T - 1,)):
+        (l1, o1), g1 = run(ident, readout)(p_ident)
+        (l2, o2), g2 = run(plain, readout)(p_plain)
+        np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-6, atol=1e-7)
+        for name in ident.param_names():
+            # the input's gradient sums the same terms in another order (no query matmul): float rounding
+            np.testing.assert_allclose(np.asarray(_get(g1, name)), np.asarray(_get(g2, name)), rtol=1e-4, atol=1e-6)
