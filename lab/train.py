@@ -129,7 +129,6 @@ class Trainer:
                 shown = [n for n in names if not ("/L" in n and n[-1].isdigit())] + heads
                 check(False, "watch", cfg.watch, f"a metric this run logs: {', '.join(shown)}")
 
-
     # ---- pure functions ------------------------------------------------------------------
     def init_state(self, params: dict | None = None, seed: int | None = None) -> dict:
         """The state at step 0 (this run's, or the one a run with ``seed`` and initial ``params`` starts from)."""

@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from lab.batch import train_batch
 from lab.config import load_config
@@ -92,6 +93,7 @@ BURSTY = ["experiment=reddy_bursty", "tracking.wandb.mode=disabled", "trainer.pr
           "optim.lr=0.05"]
 
 
+@pytest.mark.slow  # make test's budget; the seeds x conditions x seg_len test above batches task values too
 def test_task_values_and_learning_rates_batch_as_data_and_each_run_equals_its_solo_run(tmp_path):
     # p_C sets the training mixture, and so the "train" evaluation set: it is held per run. A warmup +
     # cosine schedule, so the per-run rate has to reach every part of the schedule.
