@@ -155,9 +155,9 @@ def check_jobs(overrides: list[str]) -> None:
         except Exception:  # noqa: BLE001 - interval() and the like have no values to list
             continue
     first = [f"{k}={v[0]}" for k, v in swept]
-    for i, (k, values) in enumerate(swept):
-        for v in values:
-            to_config(compose([*fixed, *first[:i], f"{k}={v}", *first[i + 1:]]), validate=False)
+    jobs = {(*first[:i], f"{k}={v}", *first[i + 1:]) for i, (k, values) in enumerate(swept) for v in values}
+    for job in sorted(jobs):  # the all-first-values job once, not once per swept key
+        to_config(compose([*fixed, *job]), validate=False)
 
 
 def run_sweep(overrides: list[str], quiet: bool = False) -> Path:
