@@ -1,12 +1,12 @@
 """Mid-training interventions the paper could not run: clamp during the plateau only, or freeze
 layer 0 part-way, and see where the phase change moves.
 
-On the demo task (repeated random tokens; the unclamped induction head forms near step 400):
+On the demo task (repeated random tokens at random offsets; seed 0's induction circuit forms near step 1,300):
 - `none`: no clamp;
-- `prev_plateau`: a perfect previous-token pattern on L0H0 only during the plateau (steps 0-250);
-- `freeze0_early`: layer 0's output frozen from step 100 on (value=frozen: what layer 0's
-  parameters at step 100 compute on each new batch), while layer 1 keeps learning;
-- `freeze0_late`: the same from step 600, after the transition.
+- `prev_plateau`: a perfect previous-token pattern on L0H0 only during the plateau (steps 0-1000);
+- `freeze0_early`: layer 0's output frozen from step 500 on (value=frozen: what layer 0's
+  parameters at step 500 compute on each new batch), while layer 1 keeps learning;
+- `freeze0_late`: the same from step 1800, after the transition.
 Writes mid_training.png and table.md next to the runs.
 
 Run:  .venv/bin/python experiments/mid_training.py
@@ -21,9 +21,9 @@ from lab.conditions import run_conditions
 CONDITIONS = {
     "none": [],
     "prev_plateau": ["+clamps.prev={site:blocks.0.attn.hook_pattern,heads:[0],value:previous_token,"
-                     "windows:[[0,250]]}"],
-    "freeze0_early": ["+clamps.freeze0_at100={site:blocks.0.hook_attn_out,value:frozen,windows:[[100,-1]]}"],
-    "freeze0_late": ["+clamps.freeze0_at600={site:blocks.0.hook_attn_out,value:frozen,windows:[[600,-1]]}"],
+                     "windows:[[0,1000]]}"],
+    "freeze0_early": ["+clamps.freeze0_at500={site:blocks.0.hook_attn_out,value:frozen,windows:[[500,-1]]}"],
+    "freeze0_late": ["+clamps.freeze0_at1800={site:blocks.0.hook_attn_out,value:frozen,windows:[[1800,-1]]}"],
 }
 
 

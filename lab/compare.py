@@ -237,6 +237,8 @@ def show(run_dir: str | Path) -> str:
         fin = {k: v for k, v in s.get("final", {}).items() if "/" in k and "L" not in k.split("/")[-1][:1]}
         keys = [k for k in fin if k.endswith(("loss", "acc"))][:10]
         lines.append("  final: " + ", ".join(f"{k}={fin[k]:.3f}" for k in keys))
+        if s.get("circuit"):
+            lines.append("  " + s["circuit"]["line"])
         lines.append(f"  checkpoints: {s.get('checkpoints')}")
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir())
     lines.append("  files: " + " ".join(files))

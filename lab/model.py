@@ -6,8 +6,10 @@ Flax NNX defines and initialises the parameters; training works on the functiona
 and checkpoints as an ordinary pytree. Weight names and shapes follow TransformerLens:
 ``blocks.{l}.attn.W_Q`` is [n_heads, d_model, d_head], ``W_O`` is [n_heads, d_head, d_model].
 
-Options cover the papers' models: positions learned | sinusoidal | rope | onehot |
-frozen_random | none; LayerNorm on/off; biases on/off; W_O absent (Reddy: heads concatenate);
+Options cover the papers' models: positions learned | sinusoidal | rope | shortformer | onehot |
+frozen_random | none (shortformer, after Press et al. 2021: learned position embeddings added to every
+layer's query and key inputs only, never to values or the residual stream, so no head can pass a
+position on to a later layer); LayerNorm on/off; biases on/off; W_O absent (Reddy: heads concatenate);
 W_Q = I (Bietti); no 1/sqrt(d_head) scaling (Reddy); an input adapter for continuous items
 (linear, or identity when the items are already d_model wide); Reddy's ReLU MLP classifier as the
 one optional MLP; any parameter frozen by glob (``freeze: [embed.*, blocks.0.attn.W_V]``).
@@ -27,7 +29,7 @@ from lab.errors import check
 from lab.hooks import NO_HOOKS, Hooks
 from lab.kernels import dense, layer_norm, matmul_nn, matmul_nt, softmax
 
-POSITIONS = ("learned", "sinusoidal", "rope", "onehot", "frozen_random", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "shortformer", "onehot", "frozen_random", "none")
 
 
 @dataclass
@@ -36,7 +38,7 @@ class ModelConfig:
     n_heads: int = 8
     d_model: int = 64
     d_head: int | None = None  # default d_model // n_heads
-    positions: str = "learned"
+    positions: str = "learned"  # learned | sinusoidal | rope | shortformer (positions in Q and K only) | onehot | ...
     layernorm: bool = True
     bias: bool = True
     use_wo: bool = True  # False: heads' outputs concatenate (needs n_heads * d_head == d_model)
@@ -118,6 +120,7 @@ class _Weights(nnx.Module):
             self.embed["W_in"] = P(_normal(rngs, (feature_dim, d), 1.0 / math.sqrt(feature_dim)))
             self.embed["b_in"] = P(jnp.zeros((d,)))
         pos = {"learned": lambda: P(_normal(rngs, (seq_len, d), std)),
+               "shortformer": lambda: P(_normal(rngs, (seq_len, d), std)),
                "frozen_random": lambda: Const(_normal(rngs, (seq_len, d), 1.0 / math.sqrt(d))),
                "sinusoidal": lambda: Const(sinusoidal(seq_len, d)),
                "onehot": lambda: Const(jnp.eye(seq_len, d))}
@@ -239,7 +242,7 @@ class Transformer:
                 x = x.at[:, sel].set(jnp.where(isf[..., None], fx, x[:, sel]))
         x = hooks("hook_embed", x)
         t = tokens.shape[1]
-        if "W_pos" in p.get("pos_embed", {}):
+        if "W_pos" in p.get("pos_embed", {}) and cfg.positions != "shortformer":
             pe = hooks("hook_pos_embed", jnp.broadcast_to(p["pos_embed"]["W_pos"][:t], x.shape))
             x = x + pe
         causal = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -jnp.inf)  # added to the scores
@@ -256,6 +259,10 @@ class Transformer:
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
             scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
             qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at, q_identity=cfg.wq_identity)  # [batch, head, pos, d_head]
+            if cfg.positions == "shortformer":  # (x + W_pos) W_Q and (x + W_pos) W_K; values see no position
+                pos = p["pos_embed"]["W_pos"][:t]
+                qh = qh + jnp.einsum("td,hde->hte", pos if at is None else pos[at], a["W_Q"])
+                kh = kh + jnp.einsum("td,hde->hte", pos, a["W_K"])
             tl_sites = [f"{b}.attn.hook_{s}" for s in ("q", "k", "v", "rot_q", "rot_k")]
             if cfg.positions == "rope" or any(hooks.wants(n) for n in tl_sites):
                 # TransformerLens's layout [batch, pos, head, d_head] at the q/k/v sites

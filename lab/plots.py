@@ -16,7 +16,8 @@ def _series(rows, key):
 
 
 def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str | None = None,
-                transitions: list[dict] | None = None) -> None:
+                transitions: list[dict] | None = None, note: str | None = None) -> None:
+    """``note``: one line under the plots (the circuit summary's verdict)."""
     keys = sorted({k for r in rows for k in r if "/" in k and not k.startswith("perf/")})
     loss_keys = [k for k in keys if k.endswith("loss")]
     acc_keys = [k for k in keys if k.endswith("acc") or k.endswith("/cla") or k.endswith("/kl")]
@@ -39,8 +40,13 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
         axes[0].set_title(f"{watch}: transition midpoint(s) " + ", ".join(f"{t['mid']:.0f}" for t in transitions),
                           fontsize=9)
     fig.suptitle(title)
+    if note:
+        import textwrap
+
+        fig.text(0.5, 0.01, "\n".join(textwrap.wrap(note, 180)[:3]), ha="center", va="bottom", fontsize=8,
+                 color="tab:green" if note.startswith("induction circuit") else "tab:red")
     # fixed margins: tight_layout draws the figure once more to measure it, as long as the savefig itself
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.87, wspace=0.2)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.2 if note else 0.12, top=0.87, wspace=0.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

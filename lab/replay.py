@@ -188,6 +188,11 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
     trainer = Trainer(cfg)
     if wandb_mode:
         cfg.tracking.wandb.mode = wandb_mode
+    circuit = None
+    if trainer.task.mechanism_metric and cfg.measures.circuit:  # the circuit summary at every checkpoint
+        from lab.measures.mechanism import CircuitSummary
+
+        circuit = CircuitSummary(trainer.model, trainer.task)
     out = run_dir / out_name
     out.unlink(missing_ok=True)
     tracker = Tracker(run_dir, cfg.tracking, OmegaConf.to_container(node, resolve=True), name=f"{run_dir.name}-replay",
@@ -209,6 +214,10 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
             row = {"step": s}
             row.update(trainer.evaluate(state))
             row.update(trainer.measures(state["params"]))
+            if circuit is not None:
+                from lab.measures.mechanism import flat
+
+                row.update(flat(circuit(state["params"], row)))
             jax.block_until_ready(state)
             tracker.log(row)
     finally:

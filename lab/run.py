@@ -206,6 +206,8 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
         for ck in ckpts:
             ck.close()
     wall = time.perf_counter() - t0
+    circuit_of = CircuitSummaries(trainer, cfgs, state)
+    circuits = [None] * n
     for i, run_dir in enumerate(run_dirs):
         c = cfgs[i]
         rows = read_metrics(run_dir / "metrics.jsonl")
@@ -219,6 +221,9 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
             "wall_time_s": wall, "steps_per_sec": (c.trainer.steps - start_step) / wall,
             "final": final, "phase": phase, "checkpoints": ckpts[i].steps(), "versions": versions(),
         }
+        circuits[i] = circuit_of(i, final)
+        if circuits[i] is not None:
+            summary["circuit"] = circuits[i]
         if n > 1:
             summary["batched_runs"] = n
         saved = json.loads((run_dir / "overrides.json").read_text()) if (run_dir / "overrides.json").exists() else {}
@@ -227,13 +232,41 @@ def execute_runs(trainer: Trainer, nodes: list[DictConfig], run_dirs: list[Path]
                 summary[k] = saved[k]
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(rows, run_dir / "curves.png", title=f"{c.experiment} ({c.task.name}, seed {c.seed})",
-                    watch=metric, transitions=phase["transitions"])
-        trackers[i].summary({"wall_time_s": wall, "steps_per_sec": summary["steps_per_sec"]})
+                    watch=metric, transitions=phase["transitions"], note=circuits[i] and circuits[i]["line"])
+        trackers[i].summary({"wall_time_s": wall, "steps_per_sec": summary["steps_per_sec"],
+                             **(circuit_flat(circuits[i]) if circuits[i] else {})})
         trackers[i].close()
         if not quiet and (n == 1 or i == 0):
             print(format_summary(summary, run_dir))
         unlock_run_dir(run_dir)
     return list(run_dirs)
+
+
+class CircuitSummaries:
+    """Each run's circuit summary at its final parameters (None where the task has none or it is off), with
+    the run's own task (batched runs may differ in its data fields); one summariser per distinct task."""
+
+    def __init__(self, trainer: Trainer, cfgs: list, state):
+        self.trainer, self.cfgs, self.state, self.built = trainer, cfgs, state, {}
+
+    def __call__(self, i: int, final: dict) -> dict | None:
+        from lab.measures.mechanism import CircuitSummary
+        from lab.tasks import make_task
+
+        c, tr = self.cfgs[i], self.trainer
+        if not (tr.task.mechanism_metric and c.measures.circuit):
+            return None
+        key = repr(c.task)
+        if key not in self.built:
+            self.built[key] = CircuitSummary(tr.model, tr.task if len(self.cfgs) == 1 else make_task(c.task))
+        return self.built[key](tr.run_state(self.state, i)["params"], final)
+
+
+def circuit_flat(circuit: dict) -> dict:
+    from lab.measures.mechanism import flat
+
+    return {**flat(circuit), "circuit/line": circuit["line"], "circuit/induction_head": circuit["induction_head"],
+            "circuit/prev_token_head": circuit["prev_token_head"]}
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:
@@ -257,5 +290,7 @@ def format_summary(summary: dict, run_dir: Path) -> str:
         fb = ph.get("first_below")
         lines.append(f"{ph['metric']} first below {ph['threshold']:.4f} at step "
                      f"{'never' if fb is None else int(fb)}")
+    if summary.get("circuit"):
+        lines.append(summary["circuit"]["line"])
     lines.append(f"run directory: {run_dir}  (curves.png, metrics.jsonl, summary.json, checkpoints/, wandb/)")
     return "\n".join(lines)

@@ -17,7 +17,23 @@ def tokens(seed=0):
     return {"tokens": jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, V)}
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "onehot", "frozen_random", "none"])
+def test_shortformer_positions_reach_queries_and_keys_only():
+    """On a sequence of one repeated token, Shortformer positions make the queries and keys differ by position
+    while values and the residual stream stay the same at every position (learned positions: all differ)."""
+    same = {"tokens": jnp.full((1, T), 3, jnp.int32)}
+    for positions, differ in (("shortformer", {"q", "k"}), ("learned", {"q", "k", "v"})):
+        m = Transformer(ModelConfig(n_layers=1, n_heads=2, d_model=8, positions=positions), seq_len=T, vocab_size=V,
+                        n_outputs=V, seed=0)
+        _, cache = m.run_with_cache(m.params(), same)
+        for s in ("q", "k", "v"):
+            x = np.asarray(cache[f"blocks.0.attn.hook_{s}"])[0]
+            assert (np.abs(x - x[:1]).max() > 1e-4) == (s in differ), (positions, s)
+        resid = np.asarray(cache["blocks.0.hook_resid_pre"])[0]
+        assert (np.abs(resid - resid[:1]).max() > 1e-4) == (positions == "learned")
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "shortformer", "onehot", "frozen_random",
+                                       "none"])
 def test_site_shapes_and_causality(positions):
     cfg = ModelConfig(n_layers=2, n_heads=4, d_model=16, positions=positions)
     m = Transformer(cfg, seq_len=T, vocab_size=V, n_outputs=V, seed=0)

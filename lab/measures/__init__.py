@@ -18,6 +18,7 @@ import numpy as np
 from lab.errors import check
 from lab.measures import attention as att
 from lab.measures import circuits
+from lab.tasks.base import vmap_sequences
 
 # name -> (function of (pattern, batch, task) -> [head], needs token inputs, needs a classification task)
 ATTENTION = {
@@ -38,6 +39,8 @@ ALL = tuple(ATTENTION) + WEIGHTS + SLOW
 class MeasuresConfig:
     names: list[str] = field(default_factory=lambda: ["auto"])  # auto | none | any of ALL
     probe_size: int = 128  # sequences in the fixed probe batch
+    # token tasks: the circuit summary (lab.measures.mechanism) at the end of a run and in replay
+    circuit: bool = True
     # progress measure by clamp: the current model's loss on each evaluator with these clamps on,
     # logged as <evaluator>@<name>/loss (mappings of clamp fields, as in `clamps`)
     clamps: dict[str, Any] = field(default_factory=dict)
@@ -86,11 +89,23 @@ def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
     return usable
 
 
-def repeated_probe(key, n: int, t: int, vocab: int) -> dict:
-    """Random tokens whose second half repeats the first: where prefix matching is measured."""
-    half = (t + 1) // 2
-    seg = jax.random.randint(key, (n, half), 0, vocab)
-    return {"tokens": jnp.concatenate([seg, seg], axis=1)[:, :t].astype(jnp.int32)}
+def repeated_probe(key, n: int, t: int, vocab: int, bos: int | None = None) -> dict:
+    """Where prefix matching is measured: random tokens in which one segment (length uniform in
+    [2, t // 2]) is copied once, both copies at random offsets, with BOS first where the task has one.
+
+    The layout varies per sequence so that no fixed offset coincides with the induction target: with
+    the second half repeating the first, a head that attends t/2 - 1 back by position alone would score
+    as an induction head (the old repeat task's layer-0 heads did)."""
+    from lab.tasks.repeat import copy_layout, length_table
+
+    body = t - 1 if bos is not None else t
+    table = length_table(list(range(2, max(2, body // 2) + 1)), body // 2 + 1)
+    draws = {"tokens": (max(vocab, body),), "length": (), "bars": (body + 2,)}
+    x = jax.jit(lambda k: vmap_sequences(lambda u: copy_layout(u, body, vocab, table, -1)[0], k, n, draws))(key)
+    x = x[:, 1:]  # the layout's own first slot (its BOS) dropped: the body
+    if bos is not None:
+        x = jnp.concatenate([jnp.full((n, 1), bos, jnp.int32), x], axis=1)
+    return {"tokens": x}
 
 
 class Measures:
@@ -104,7 +119,8 @@ class Measures:
         self.probe = jax.tree_util.tree_map(lambda a: a[:n], next(iter(task.evals.values())))
         self.token_probe = None
         if any(ATTENTION[m][1] for m in self.attn_names):
-            self.token_probe = repeated_probe(jax.random.PRNGKey(7), n, task.seq_len, task.n_outputs)
+            self.token_probe = repeated_probe(jax.random.PRNGKey(7), n, task.seq_len, task.n_outputs,
+                                              getattr(task, "bos", None))
         self.fn = jax.jit(self._attention)
         self.llc_fn = None
         if "llc" in self.names and loss_fn is not None:

@@ -63,6 +63,12 @@ class Task:
     # Metric shown in the progress bar, and the curve the phase detector watches.
     key_metric: str = "train/acc"
     watch_metric: str = "train/loss"
+    # The circuit summary (lab.measures.mechanism), for token tasks: the loss that ablating the induction
+    # head should raise (None: no summary), by at least this many nats; and, where the task has held-out
+    # layouts, (held-out metric, trained metric) that an induction circuit keeps close.
+    mechanism_metric: str | None = None
+    mechanism_min_effect: float = 1.0
+    heldout_gap: tuple[str, str] | None = None
     # Whether `loss_mask` selects a handful of query positions (classification) or many tokens.
     classification: bool = False
 

@@ -119,6 +119,9 @@ class BigramTask(Task):
 
     key_metric = "test/icl_acc"
     watch_metric = "test/icl_loss"
+    # the circuit summary: the output token after a repeated trigger is predictable from context alone
+    mechanism_metric = "test/icl_loss"
+    mechanism_min_effect = 0.5
 
     def __init__(self, cfg: BigramConfig):
         cfg.validate()

@@ -1,0 +1,178 @@
+"""The circuit summary: is the head whose birth a run watched an induction head?
+
+A loss curve that drops is not a mechanism. For token tasks the lab checks, at the end of every run
+(and at every checkpoint ``lab replay`` reads), the circuit Olsson et al. describe, by three kinds of
+evidence:
+
+- attention: the head with the highest prefix-matching score (attention from a token to the token
+  after its earlier occurrence, on random tokens with one copied segment at random offsets) is the
+  induction head; the head of an earlier layer with the highest previous-token score is the
+  previous-token head;
+- weights: the K-composition between the two (||W_K^ind^T W_OV^prev||_F / (||W_OV|| ||W_K||),
+  Elhage et al. 2021), beside the same score for random matrices of the same shapes;
+- cause: the task's mechanism loss (``task.mechanism_metric``: for the repeat task the repeated-token
+  loss on held-out layouts) with each head's values set to zero (zero-ablation: the head then writes
+  only its share of the output bias) minus the loss intact;
+
+and, where the task has held-out layouts, generalisation: the held-out repeated loss next to the
+trained one. The verdict is "induction circuit" only when every check passes (thresholds below, and
+the task's ``mechanism_min_effect``); otherwise the summary names the checks that failed.
+
+The model is summarised as it is, without the run's clamps: what it learnt, not what a clamp made it
+do.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lab.hooks import Hooks
+from lab.measures import attention as att
+from lab.measures.circuits import ov_matrix
+
+PREV_TOKEN_MIN = 0.3  # previous-token score of a previous-token head (uniform attention over 16 keys: ~0.06)
+PREFIX_MATCHING_MIN = 0.3  # prefix-matching score of an induction head
+GENERALISATION_MAX = 1.0  # nats the held-out repeated loss may exceed the trained one by
+ABLATION_SEQUENCES = 256  # sequences of the mechanism evaluator each ablation is scored on
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def k_composition(params: dict, consts: dict, prev: tuple[int, int], ind: tuple[int, int]) -> float:
+    """How much of the previous-token head's output the induction head's keys read (0..1)."""
+    from lab.model import merge_consts
+
+    p = merge_consts(params, consts)
+    ov = ov_matrix(p, consts, *prev)  # [d, d]
+    wk = np.asarray(p["blocks"][str(ind[0])]["attn"]["W_K"][ind[1]])  # [d, d_head]
+    den = np.linalg.norm(ov) * np.linalg.norm(wk)
+    return float(np.linalg.norm(ov @ wk) / den) if den > 0 else 0.0
+
+
+def random_k_composition(d_model: int, d_head: int, trials: int = 32, seed: int = 0) -> float:
+    """The K-composition of random Gaussian matrices of the same shapes: the score's chance level."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(trials):
+        ov = rng.standard_normal((d_model, d_head)) @ rng.standard_normal((d_head, d_model))
+        wk = rng.standard_normal((d_model, d_head))
+        vals.append(np.linalg.norm(ov @ wk) / (np.linalg.norm(ov) * np.linalg.norm(wk)))
+    return float(np.mean(vals))
+
+
+class CircuitSummary:
+    """The circuit summary of one model on one task; ``__call__(params)`` gives a dict (see ``summarise``)."""
+
+    def __init__(self, model, task):
+        from lab.measures import repeated_probe
+
+        self.model, self.task = model, task
+        self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
+        self.metric = task.mechanism_metric
+        self.evaluator, self.metric_key = self.metric.split("/", 1)
+        batch = task.evals[self.evaluator]
+        self.batch = jax.tree_util.tree_map(lambda a: a[:ABLATION_SEQUENCES], batch)
+        self.probe = jax.tree_util.tree_map(lambda a: a[:128], next(iter(task.evals.values())))
+        self.token_probe = repeated_probe(jax.random.PRNGKey(7), 128, task.seq_len, task.n_outputs,
+                                          getattr(task, "bos", None))
+        self.chance_k = random_k_composition(model.cfg.d_model, model.cfg.head_dim)
+        self._scores = jax.jit(self._attention_scores)
+        self._ablated = jax.jit(self._ablated_metric)
+
+    def _attention_scores(self, params):
+        sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.n_layers)]
+        _, cache = self.model.run_with_cache(params, self.probe, sites)
+        _, tcache = self.model.run_with_cache(params, self.token_probe, sites)
+        prev = jnp.stack([att.previous_token_score(cache[s]) for s in sites])  # [layer, head]
+        pm = jnp.stack([att.prefix_matching_score(tcache[s], self.token_probe) for s in sites])
+        return prev, pm
+
+    def _ablated_metric(self, params, keep):
+        """The mechanism metric with the values of the heads where ``keep`` [layer, head] is 0 set to zero
+        (one program for every choice of heads: ``keep`` is data)."""
+        hooks = Hooks(interventions={
+            f"blocks.{layer}.attn.hook_v": (lambda v, layer=layer: v * keep[layer][None, None, :, None])
+            for layer in range(self.n_layers)})
+        logits = self.model.apply(params, self.batch, hooks)
+        return self.task.metrics(logits, self.batch)[self.metric_key]
+
+    def ablated(self, params, head: tuple[int, int] | None) -> float:
+        keep = np.ones((self.n_layers, self.n_heads), np.float32)
+        if head is not None:
+            keep[head] = 0.0
+        return float(self._ablated(params, keep))
+
+    def __call__(self, params, metrics: dict | None = None) -> dict:
+        return summarise(self, params, metrics)
+
+
+def summarise(cs: CircuitSummary, params, metrics: dict | None = None) -> dict:
+    """The summary: heads, scores, K-composition, ablation effects, checks, verdict and a one-line text.
+
+    ``metrics``: the run's last evaluation row (for the held-out vs trained comparison)."""
+    prev, pm = (np.asarray(x) for x in jax.device_get(cs._scores(params)))
+    ind = tuple(int(i) for i in np.unravel_index(np.argmax(pm), pm.shape))
+    earlier = prev[: ind[0]] if ind[0] > 0 else prev
+    prv = tuple(int(i) for i in np.unravel_index(np.argmax(earlier), earlier.shape))
+    host = jax.device_get(params)
+    kc = k_composition(host, cs.model._consts, prv, ind) if prv[0] < ind[0] else None
+    intact = cs.ablated(params, None)
+    abl_ind = cs.ablated(params, ind) - intact
+    abl_prev = cs.ablated(params, prv) - intact
+    min_effect = cs.task.mechanism_min_effect
+    checks = {
+        f"the top prefix-matching head is after layer 0 (it is {head_name(*ind)})": ind[0] >= 1,
+        f"its prefix-matching score >= {PREFIX_MATCHING_MIN} (it is {pm[ind]:.2f})": pm[ind] >= PREFIX_MATCHING_MIN,
+        f"an earlier head's previous-token score >= {PREV_TOKEN_MIN} (best {head_name(*prv)}: {prev[prv]:.2f})":
+            ind[0] >= 1 and prev[prv] >= PREV_TOKEN_MIN,
+        f"ablating {head_name(*ind)} raises {cs.metric} by >= {min_effect:.1f} nats (it adds {abl_ind:+.2f})":
+            abl_ind >= min_effect,
+    }
+    out = {
+        "induction_head": head_name(*ind), "prefix_matching": float(pm[ind]),
+        "prev_token_head": head_name(*prv), "prev_token": float(prev[prv]),
+        "k_composition": kc, "k_composition_random": cs.chance_k,
+        "mechanism_metric": cs.metric, "mechanism_loss": intact,
+        "ablation": {head_name(*ind): abl_ind, head_name(*prv): abl_prev},
+        "prefix_matching_by_head": {head_name(l, h): float(pm[l, h]) for l in range(cs.n_layers)
+                                    for h in range(cs.n_heads)},
+        "prev_token_by_head": {head_name(l, h): float(prev[l, h]) for l in range(cs.n_layers)
+                               for h in range(cs.n_heads)},
+    }
+    gap = cs.task.heldout_gap
+    if gap and metrics and all(k in metrics for k in gap):
+        held, trained = metrics[gap[0]], metrics[gap[1]]
+        out["heldout_loss"], out["trained_loss"] = held, trained
+        checks[f"{gap[0]} within {GENERALISATION_MAX:g} nat of {gap[1]} ({held:.2f} vs {trained:.2f})"] = (
+            held - trained <= GENERALISATION_MAX)
+    out["checks"] = {k: bool(v) for k, v in checks.items()}
+    out["is_induction_circuit"] = all(checks.values())
+    out["line"] = summary_line(out)
+    return out
+
+
+def summary_line(s: dict) -> str:
+    """One line: the circuit and its evidence, or what fails."""
+    if s["is_induction_circuit"]:
+        kc = f"K-composition {s['k_composition']:.2f} (random {s['k_composition_random']:.2f})"
+        return (f"induction circuit: {s['prev_token_head']} previous-token ({s['prev_token']:.2f}) -> "
+                f"{s['induction_head']} induction (prefix matching {s['prefix_matching']:.2f}), {kc}; ablating "
+                f"{s['induction_head']} adds {s['ablation'][s['induction_head']]:+.2f} nats to {s['mechanism_metric']}")
+    failed = [k for k, ok in s["checks"].items() if not ok]
+    return "NOT an induction circuit: " + "; ".join(failed)
+
+
+def flat(s: dict, prefix: str = "circuit/") -> dict:
+    """The numeric essentials as flat metrics (replay rows, wandb summary)."""
+    out = {f"{prefix}is_induction_circuit": float(s["is_induction_circuit"]),
+           f"{prefix}prefix_matching": s["prefix_matching"], f"{prefix}prev_token": s["prev_token"],
+           f"{prefix}mechanism_loss": s["mechanism_loss"],
+           f"{prefix}ablation_induction_head": s["ablation"][s["induction_head"]],
+           f"{prefix}ablation_prev_token_head": s["ablation"][s["prev_token_head"]]}
+    if s["k_composition"] is not None:
+        out[f"{prefix}k_composition"] = s["k_composition"]
+    return out

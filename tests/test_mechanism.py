@@ -1,0 +1,60 @@
+"""The circuit summary: a shortcut is flagged, a real induction circuit is recognised (short real runs)."""
+
+import json
+
+import numpy as np
+
+from lab.config import load_config
+from lab.measures import mechanism
+from lab.run import train_run
+
+QUIET = ["tracking.wandb.mode=disabled", "trainer.progress=false", "checkpoint.every=0", "checkpoint.log_points=2",
+         "trainer.eval_log_points=0", "measures.names=[none]"]
+
+
+def _train(overrides, tmp_path, name):
+    cfg, node = load_config([*overrides, *QUIET, f"run.dir={tmp_path / name}"])
+    run = train_run(cfg, node, quiet=True)
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_k_composition_reads_what_the_previous_head_writes():
+    d, e = 8, 4
+    rng = np.random.default_rng(0)
+    wv, wo = rng.standard_normal((1, d, e)), rng.standard_normal((1, e, d))
+    ov = wv[0] @ wo[0]
+    _, _, vh = np.linalg.svd(ov)  # the head writes x @ ov: into the span of vh's first e rows
+    aligned = vh[:e].T[None]  # keys that read exactly the subspace the head writes
+    orthogonal = vh[e:2 * e].T[None]  # keys that read none of it
+    params = {"blocks": {"0": {"attn": {"W_V": wv, "W_O": wo}}, "1": {"attn": {"W_K": aligned}}}}
+    high = mechanism.k_composition(params, {}, (0, 0), (1, 0))
+    params["blocks"]["1"]["attn"]["W_K"] = orthogonal
+    low = mechanism.k_composition(params, {}, (0, 0), (1, 0))
+    assert low < 1e-6 < 0.3 < high
+    assert 0.05 < mechanism.random_k_composition(d, e) < high
+
+
+def test_the_old_fixed_offset_layout_is_flagged_as_a_shortcut(tmp_path):
+    """The old demo: BOS + a 16-token segment repeated at a fixed offset, learned positions. Its repeated-token
+    loss falls, but by a layer-0 head that looks 15 back: the summary must say it is no induction circuit."""
+    s = _train(["experiment=demo", "task.layout=fixed", "task.seg_len=16", "model.positions=learned",
+                "trainer.steps=600", "optim.lr=1e-3", "trainer.eval_every=200"], tmp_path, "fixed")
+    c = s["circuit"]
+    assert s["final"]["test/repeated_loss"] < 2.0  # the curve says "learnt"...
+    assert c["is_induction_circuit"] is False and c["line"].startswith("NOT an induction circuit")
+    # ...the held-out layouts and the heads say "shortcut"
+    assert c["heldout_loss"] > c["trained_loss"] + 2.0
+    failed = [k for k, ok in c["checks"].items() if not ok]
+    assert any(k.startswith("heldout/repeated_loss within") for k in failed)
+
+
+def test_the_demo_grows_a_previous_token_head_and_an_induction_head_that_generalise(tmp_path):
+    """The default demo (seed 0), cut after its transition: the circuit is the one Olsson describes, it works
+    on layouts never trained on, and it is causal."""
+    s = _train(["experiment=demo", "trainer.steps=2200", "trainer.eval_every=550"], tmp_path, "demo")
+    c = s["circuit"]
+    assert c["induction_head"].startswith("L1") and c["prefix_matching"] > 0.8  # the top prefix-matching head
+    assert c["prev_token_head"].startswith("L0") and c["prev_token"] > 0.3  # a layer-0 previous-token head
+    assert c["heldout_loss"] < c["trained_loss"] + 0.5 and c["heldout_loss"] < 1.0  # held-out layouts too
+    assert c["ablation"][c["induction_head"]] > 3.0  # several nats without it
+    assert c["is_induction_circuit"] and c["line"].startswith("induction circuit: L0H0")
