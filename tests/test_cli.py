@@ -31,6 +31,11 @@ def test_train_end_to_end_with_offline_wandb(tmp_path):
     assert summary["checkpoints"] == [0, 30, 60]
     assert summary["phase"]["metric"] == "test/repeated_loss"
     assert {"wall_time_s", "steps_per_sec", "versions", "final"} <= set(summary)
+    # a token task's run ends with its circuit summary (60 steps: no circuit yet, and it says so)
+    c = summary["circuit"]
+    assert c["mechanism_metric"] == "heldout/repeated_loss" and c["is_induction_circuit"] is False
+    assert c["line"].startswith("NOT an induction circuit") and c["line"] in p.stdout
+    assert set(c["prefix_matching_by_head"]) == {"L0H0", "L0H1", "L1H0", "L1H1"}
     assert any((run_dir / "wandb").glob("offline-run-*"))
     # the same directory is never overwritten
     p2 = subprocess.run(lab_cmd("train", *args), cwd=ROOT, capture_output=True, text=True, timeout=120)

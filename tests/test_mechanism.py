@@ -56,5 +56,6 @@ def test_the_demo_grows_a_previous_token_head_and_an_induction_head_that_general
     assert c["induction_head"].startswith("L1") and c["prefix_matching"] > 0.8  # the top prefix-matching head
     assert c["prev_token_head"].startswith("L0") and c["prev_token"] > 0.3  # a layer-0 previous-token head
     assert c["heldout_loss"] < c["trained_loss"] + 0.5 and c["heldout_loss"] < 1.0  # held-out layouts too
-    assert c["ablation"][c["induction_head"]] > 3.0  # several nats without it
+    assert c["ablation"][c["induction_head"]] > 3.0 and c["ablation_induction_heads"] > 3.0  # several nats without it
+    assert c["induction_heads"] == ["L1H0"] and c["prev_token_heads"] == ["L0H0"]
     assert c["is_induction_circuit"] and c["line"].startswith("induction circuit: L0H0")

@@ -109,6 +109,19 @@ def test_replay_matches_logged_values_and_adds_probe_clamps(parent):
         assert "test@pm/loss" in r
 
 
+def test_replay_on_another_layout_with_the_circuit_summary_at_each_checkpoint(parent):
+    """`lab replay RUN task.seg_len=N` probes the trained model on one other segment length; with the circuit
+    summary on, every replayed row carries it (at 60 tiny steps: no circuit)."""
+    src, _ = parent
+    out = replay_run(src, steps=[0, 60], quiet=True, wandb_mode="disabled", out_name="replay_layout.jsonl",
+                     overrides=["task.seg_len=4", "measures.circuit=true"])
+    logged = {r["step"]: r for r in read_metrics(src / "metrics.jsonl")}
+    for r in read_metrics(out):
+        assert r["test/repeated_loss"] != pytest.approx(logged[r["step"]]["test/repeated_loss"], rel=1e-4)
+        assert r["circuit/is_induction_circuit"] == 0.0 and r["circuit/prefix_matching"] < 0.3
+        assert {"circuit/ablation_induction_heads", "circuit/prev_token", "circuit/mechanism_loss"} <= set(r)
+
+
 def _fake_run(d, every, task="repeat", condition="none", mid=1000.0, seed=0):
     d.mkdir(parents=True)
     steps = sorted(set(np.unique(np.geomspace(1, 10000, 60).astype(int)).tolist()) | set(range(0, 10001, every)))

@@ -100,48 +100,64 @@ class CircuitSummary:
         logits = self.model.apply(params, self.batch, hooks)
         return self.task.metrics(logits, self.batch)[self.metric_key]
 
-    def ablated(self, params, head: tuple[int, int] | None) -> float:
+    def ablated(self, params, heads: list[tuple[int, int]]) -> float:
+        """The mechanism metric with these heads' values set to zero."""
         keep = np.ones((self.n_layers, self.n_heads), np.float32)
-        if head is not None:
-            keep[head] = 0.0
+        for lh in heads:
+            keep[lh] = 0.0
         return float(self._ablated(params, keep))
 
     def __call__(self, params, metrics: dict | None = None) -> dict:
         return summarise(self, params, metrics)
 
 
+def _names(heads) -> str:
+    return ",".join(head_name(*h) for h in heads)
+
+
 def summarise(cs: CircuitSummary, params, metrics: dict | None = None) -> dict:
     """The summary: heads, scores, K-composition, ablation effects, checks, verdict and a one-line text.
 
+    A model with many heads may spread the circuit over several (every layer-1 head of an 8-head model can
+    prefix-match): the induction heads are all heads after layer 0 scoring >= PREFIX_MATCHING_MIN (else the
+    top one), the previous-token heads all heads of earlier layers scoring >= PREV_TOKEN_MIN (else the top
+    one), and the causal check ablates the induction heads together.
+
     ``metrics``: the run's last evaluation row (for the held-out vs trained comparison)."""
     prev, pm = (np.asarray(x) for x in jax.device_get(cs._scores(params)))
-    ind = tuple(int(i) for i in np.unravel_index(np.argmax(pm), pm.shape))
-    earlier = prev[: ind[0]] if ind[0] > 0 else prev
-    prv = tuple(int(i) for i in np.unravel_index(np.argmax(earlier), earlier.shape))
+    grid = [(l, h) for l in range(cs.n_layers) for h in range(cs.n_heads)]
+    ind = max(grid, key=lambda lh: pm[lh])
+    inds = sorted((lh for lh in grid if lh[0] >= 1 and pm[lh] >= PREFIX_MATCHING_MIN), key=lambda lh: -pm[lh])
+    inds = inds or [ind]
+    first = min(lh[0] for lh in inds)
+    earlier = [lh for lh in grid if lh[0] < first] or grid
+    prv = max(earlier, key=lambda lh: prev[lh])
+    prevs = sorted((lh for lh in earlier if prev[lh] >= PREV_TOKEN_MIN), key=lambda lh: -prev[lh]) or [prv]
     host = jax.device_get(params)
     kc = k_composition(host, cs.model._consts, prv, ind) if prv[0] < ind[0] else None
-    intact = cs.ablated(params, None)
-    abl_ind = cs.ablated(params, ind) - intact
-    abl_prev = cs.ablated(params, prv) - intact
+    intact = cs.ablated(params, [])
+    single = {head_name(*lh): cs.ablated(params, [lh]) - intact for lh in dict.fromkeys(inds + prevs)}
+    abl_inds = cs.ablated(params, inds) - intact
+    abl_prevs = cs.ablated(params, prevs) - intact
     min_effect = cs.task.mechanism_min_effect
     checks = {
         f"the top prefix-matching head is after layer 0 (it is {head_name(*ind)})": ind[0] >= 1,
         f"its prefix-matching score >= {PREFIX_MATCHING_MIN} (it is {pm[ind]:.2f})": pm[ind] >= PREFIX_MATCHING_MIN,
         f"an earlier head's previous-token score >= {PREV_TOKEN_MIN} (best {head_name(*prv)}: {prev[prv]:.2f})":
             ind[0] >= 1 and prev[prv] >= PREV_TOKEN_MIN,
-        f"ablating {head_name(*ind)} raises {cs.metric} by >= {min_effect:.1f} nats (it adds {abl_ind:+.2f})":
-            abl_ind >= min_effect,
+        f"ablating {_names(inds)} raises {cs.metric} by >= {min_effect:.1f} nats (it adds {abl_inds:+.2f})":
+            abl_inds >= min_effect,
     }
     out = {
         "induction_head": head_name(*ind), "prefix_matching": float(pm[ind]),
+        "induction_heads": [head_name(*lh) for lh in inds],
         "prev_token_head": head_name(*prv), "prev_token": float(prev[prv]),
+        "prev_token_heads": [head_name(*lh) for lh in prevs],
         "k_composition": kc, "k_composition_random": cs.chance_k,
         "mechanism_metric": cs.metric, "mechanism_loss": intact,
-        "ablation": {head_name(*ind): abl_ind, head_name(*prv): abl_prev},
-        "prefix_matching_by_head": {head_name(l, h): float(pm[l, h]) for l in range(cs.n_layers)
-                                    for h in range(cs.n_heads)},
-        "prev_token_by_head": {head_name(l, h): float(prev[l, h]) for l in range(cs.n_layers)
-                               for h in range(cs.n_heads)},
+        "ablation": single, "ablation_induction_heads": abl_inds, "ablation_prev_token_heads": abl_prevs,
+        "prefix_matching_by_head": {head_name(*lh): float(pm[lh]) for lh in grid},
+        "prev_token_by_head": {head_name(*lh): float(prev[lh]) for lh in grid},
     }
     gap = cs.task.heldout_gap
     if gap and metrics and all(k in metrics for k in gap):
@@ -159,9 +175,11 @@ def summary_line(s: dict) -> str:
     """One line: the circuit and its evidence, or what fails."""
     if s["is_induction_circuit"]:
         kc = f"K-composition {s['k_composition']:.2f} (random {s['k_composition_random']:.2f})"
-        return (f"induction circuit: {s['prev_token_head']} previous-token ({s['prev_token']:.2f}) -> "
-                f"{s['induction_head']} induction (prefix matching {s['prefix_matching']:.2f}), {kc}; ablating "
-                f"{s['induction_head']} adds {s['ablation'][s['induction_head']]:+.2f} nats to {s['mechanism_metric']}")
+        more = lambda names: f" (+{len(names) - 1} more)" if len(names) > 1 else ""  # noqa: E731
+        return (f"induction circuit: {s['prev_token_head']}{more(s['prev_token_heads'])} previous-token "
+                f"({s['prev_token']:.2f}) -> {s['induction_head']}{more(s['induction_heads'])} induction (prefix "
+                f"matching {s['prefix_matching']:.2f}), {kc}; ablating {','.join(s['induction_heads'])} adds "
+                f"{s['ablation_induction_heads']:+.2f} nats to {s['mechanism_metric']}")
     failed = [k for k, ok in s["checks"].items() if not ok]
     return "NOT an induction circuit: " + "; ".join(failed)
 
@@ -171,8 +189,9 @@ def flat(s: dict, prefix: str = "circuit/") -> dict:
     out = {f"{prefix}is_induction_circuit": float(s["is_induction_circuit"]),
            f"{prefix}prefix_matching": s["prefix_matching"], f"{prefix}prev_token": s["prev_token"],
            f"{prefix}mechanism_loss": s["mechanism_loss"],
-           f"{prefix}ablation_induction_head": s["ablation"][s["induction_head"]],
-           f"{prefix}ablation_prev_token_head": s["ablation"][s["prev_token_head"]]}
+           f"{prefix}ablation_induction_heads": s["ablation_induction_heads"],
+           f"{prefix}ablation_prev_token_heads": s["ablation_prev_token_heads"],
+           f"{prefix}induction_heads": float(len(s["induction_heads"]))}
     if s["k_composition"] is not None:
         out[f"{prefix}k_composition"] = s["k_composition"]
     return out
