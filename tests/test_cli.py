@@ -37,6 +37,9 @@ def test_train_end_to_end_with_offline_wandb(tmp_path):
     assert c["line"].startswith("NOT an induction circuit") and c["line"] in p.stdout
     assert set(c["prefix_matching_by_head"]) == {"L0H0", "L0H1", "L1H0", "L1H1"}
     assert any((run_dir / "wandb").glob("offline-run-*"))
+    # ...and the wandb run's summary holds it (the offline log carries the summary keys)
+    log = b"".join(f.read_bytes() for f in (run_dir / "wandb").glob("offline-run-*/*.wandb"))
+    assert b"circuit/is_induction_circuit" in log and b"circuit/ablation_induction_heads" in log
     # the same directory is never overwritten
     p2 = subprocess.run(lab_cmd("train", *args), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p2.returncode == 2 and "run.dir" in p2.stderr and "never overwritten" in p2.stderr
