@@ -12,8 +12,11 @@ sources computed from the model (``mean``, ``frozen``... and the un-replaced sha
 
 Value sources (SCIENCE.md section 3):
 - ``zero``, ``constant`` (``constant`` field), ``mean`` (over the batch);
-- ``previous_embed`` (residual-width sites such as ``blocks.0.hook_attn_out``): the embedding of the
-  previous position (Singh's ideal layer 0: the embeddings shifted one position; zero at position 0);
+- ``previous_embed`` (residual-width sites such as ``blocks.0.hook_attn_out``, and the split inputs
+  ``blocks.L.hook_q_input|hook_k_input|hook_v_input``): the embedding of the previous position (zero
+  at position 0). On a split input it gives a head's queries or keys (or values) a stream of their
+  own: Singh's layer-1-input clamp feeds layer 1's keys and queries the previous position's embedding
+  and its values the plain embeddings (configs/clamp/layer0.yaml);
 - attention patterns (``hook_pattern`` sites only): ``previous_token``, ``induction`` (token tasks:
   attend to the token after an earlier occurrence of the current token; classification tasks: at
   the query, weight ``induction_strength`` on the matching label(s), the rest on the other labels),
@@ -46,13 +49,15 @@ VALUES = ("zero", "constant", "mean", "previous_embed", "previous_token", "induc
           "ablate", "perfect_copy", "reference", "frozen")
 PATTERN_VALUES = ("previous_token", "induction", "uniform", "self", "first", "perfect_copy")
 POSITION_WORDS = ("all", "last", "query", "labels", "items")
+# residual-width sites, the split inputs ([pos, head, d_model]) included: where previous_embed can go
+RESIDUAL_WIDE = ("hook_attn_out", "hook_resid_pre", "hook_resid_post", "hook_q_input", "hook_k_input", "hook_v_input")
 
 
 @dataclass
 class ClampConfig:
     site: str = "blocks.0.attn.hook_pattern"  # TransformerLens site name; globs allowed
     heads: list[int] | None = None  # heads to clamp (sites with a head axis); null: all
-    query: str = "all"  # positions (query axis): all | last | query | labels | items | "0,3,5"
+    query: str = "all"  # positions (query axis): all | last | query | labels | items | "0,3,5" | a slice "1:-1"
     key: str = "all"  # key positions of attention sites, same words
     value: str = "zero"
     constant: float = 0.0  # value=constant
@@ -98,11 +103,19 @@ def _positions(sel: str, n: int, task, fld: str) -> np.ndarray:
         pos = {"query": task.query_positions, "labels": task.label_positions, "items": task.item_positions}[sel]
         check(len(pos) > 0, fld, sel, f"the task {task.cfg.name} has no {sel} positions; use all, last or indices")
         out[list(pos)] = True
+    elif ":" in sel:  # a Python slice, e.g. 1:-1 (every position but the first and the last)
+        try:
+            out[slice(*[int(t) if t.strip() else None for t in sel.split(":")])] = True
+        except (ValueError, TypeError):
+            raise LabError(f"{fld}={sel!r}: one of {', '.join(POSITION_WORDS)}, comma-separated indices or a "
+                           "slice such as 1:-1") from None
+        check(out.any(), fld, sel, f"selects no position of {n}")
     else:
         try:
             idx = [int(t) for t in sel.replace(" ", "").split(",") if t != ""]
         except ValueError:
-            raise LabError(f"{fld}={sel!r}: one of {', '.join(POSITION_WORDS)} or comma-separated indices") from None
+            raise LabError(f"{fld}={sel!r}: one of {', '.join(POSITION_WORDS)}, comma-separated indices or a "
+                           "slice such as 1:-1") from None
         for i in idx:
             check(-n <= i < n, fld, sel, f"indices must be in [0, {n})")
         out[idx] = True
@@ -125,16 +138,17 @@ class _Clamp:
             check(kind in ("hook_v", "hook_z", "hook_result"), _field(name, "site"), site,
                   "value=ablate needs a blocks.L.attn.hook_v, hook_z or hook_result site")
         if c.value == "previous_embed":
-            check(kind in ("hook_attn_out", "hook_resid_pre", "hook_resid_post") and shape[-1] == cfg.d_model,
-                  _field(name, "site"), site, "value=previous_embed needs a blocks.L.hook_attn_out, hook_resid_pre "
-                  "or hook_resid_post site")
+            check(kind in RESIDUAL_WIDE and shape[-1] == cfg.d_model, _field(name, "site"), site,
+                  "value=previous_embed needs a blocks.L.hook_attn_out, hook_resid_pre, hook_resid_post or "
+                  "hook_q_input/hook_k_input/hook_v_input site")
         if c.value == "perfect_copy":
             check(c.heads is not None and len(c.heads) == 1, _field(name, "heads"), c.heads,
                   "value=perfect_copy needs exactly one head")
         # axes (without batch): which is heads, which is query/pos, which is key
         if kind in ("hook_pattern", "hook_attn_scores"):
             axes = {"head": 0, "query": 1, "key": 2}
-        elif kind in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k"):
+        elif kind in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k", "hook_q_input",
+                      "hook_k_input", "hook_v_input"):
             axes = {"query": 0, "head": 1}
         else:
             axes = {"query": 0}
@@ -311,7 +325,8 @@ class ClampSet:
                 return extra[cl.site], None
             if c.value == "previous_embed":
                 e = shared["hook_embed"]
-                return jnp.concatenate([jnp.zeros_like(e[:, :1]), e[:, :-1]], axis=1), None
+                e = jnp.concatenate([jnp.zeros_like(e[:, :1]), e[:, :-1]], axis=1)
+                return jnp.broadcast_to(e[:, :, None] if x.ndim == 4 else e, x.shape), None  # split inputs: per head
             if c.value == "perfect_copy":
                 return x, None
             w, ok = ideal_pattern(c.value, batch, self.task, t, c.induction_strength)

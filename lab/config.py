@@ -76,6 +76,9 @@ class Config:
 def _register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lab_schema", node=Config)
+    # a clamp preset's clamps are typed like this (their defaults list pulls it in), so any field of a chosen
+    # preset takes a plain override: clamp=layer0 clamps.layer0.gradient=stop
+    cs.store(name="clamp_spec", node=ClampConfig)
     for name, (cfg_cls, _) in TASKS.items():
         cs.store(group="task", name=f"{name}_schema", node=cfg_cls)
 

@@ -204,6 +204,7 @@ class Transformer:
         for layer in range(cfg.n_layers):
             b = f"blocks.{layer}"
             names.append(f"{b}.hook_resid_pre")
+            names += [f"{b}.hook_{s}_input" for s in "qkv"]
             if cfg.layernorm:
                 names.append(f"{b}.ln1.hook_normalized")
             names += [f"{b}.attn.hook_{s}" for s in ("q", "k", "v")]
@@ -258,7 +259,10 @@ class Transformer:
                 ln = p["blocks"][str(layer)]["ln1"]
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
             scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
-            qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at, q_identity=cfg.wq_identity)  # [batch, head, pos, d_head]
+            if any(hooks.wants(f"{b}.hook_{s}_input") for s in "qkv"):
+                qh, kh, vh = self._split_qkv(p, layer, x, hooks, at)
+            else:
+                qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at, q_identity=cfg.wq_identity)  # [batch, head, pos, d_head]
             if cfg.positions == "shortformer":  # (x + W_pos) W_Q and (x + W_pos) W_K; values see no position
                 pos = p["pos_embed"]["W_pos"][:t]
                 qh = qh + jnp.einsum("td,hde->hte", pos if at is None else pos[at], a["W_Q"])
@@ -303,6 +307,30 @@ class Transformer:
                 x = jax.nn.relu(dense(x, p["mlp"][f"W_{i}"]) + p["mlp"][f"b_{i}"])
         logits = dense(x, p["unembed"]["W_U"]) + p["unembed"]["b_U"]
         return hooks("logits", logits)
+
+    def _split_qkv(self, p, layer: int, x, hooks: Hooks, at):
+        """TransformerLens's split inputs: each head's queries, keys and values read their own copy of the
+        residual stream (sites ``blocks.{l}.hook_q_input|hook_k_input|hook_v_input`` [batch, pos, head,
+        d_model], before the layer's LayerNorm, which normalises each copy), so an intervention can give a
+        head's queries and keys one stream and its values another. Only traced when a hook asks for one of
+        these sites; ``ln1.hook_normalized`` is then the residual's, for reading."""
+        cfg, b = self.cfg, f"blocks.{layer}"
+        a = p["blocks"][str(layer)]["attn"]
+        wide = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.n_heads, x.shape[-1]))
+        out = []
+        for s in "qkv":
+            xs = hooks(f"{b}.hook_{s}_input", wide)
+            if cfg.layernorm:
+                ln = p["blocks"][str(layer)]["ln1"]
+                xs = layer_norm(xs, ln["w"], ln["b"])
+            if s == "q" and at is not None:
+                xs = xs[:, at]
+            y = xs.transpose(0, 2, 1, 3) if (s == "q" and cfg.wq_identity) else jnp.einsum(
+                "bthd,hde->bhte", xs, a[f"W_{s.upper()}"])
+            if cfg.bias:
+                y = y + a[f"b_{s.upper()}"][None, :, None, :]
+            out.append(y)
+        return tuple(out)
 
     def layer_sites(self, layer: int) -> list[str]:
         return [n for n in self.site_names() if n.startswith(f"blocks.{layer}.")]

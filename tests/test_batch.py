@@ -27,7 +27,8 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
 def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
     # seeds x clamp conditions x segment lengths (repeat's seg_len moves the evaluation set's "repeated" mask,
     # which is then held per run); log-spaced rows make stops between full scan chunks (the remainder loop)
-    short = ["trainer.steps=40", "checkpoint.every=20", "trainer.eval_log_points=3"]
+    # 4 heads: the prev_token preset is Singh's L0H2
+    short = ["trainer.steps=40", "checkpoint.every=20", "trainer.eval_log_points=3", "model.n_heads=4"]
     ov = tiny + short + BATCH + ["+task_values.seg_len=[4,8]", f"run.dir={tmp_path / 'b'}",
                                 "tracking.wandb.mode=offline"]
     cfg, node = load_config(ov)

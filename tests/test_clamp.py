@@ -9,6 +9,7 @@ from lab.checkpoint import Checkpointer
 from lab.clamp import ClampConfig, ideal_pattern
 from lab.cli import main
 from lab.config import load_config
+from lab.hooks import Hooks
 from lab.train import Trainer, masked_nll
 from tests.conftest import TINY
 
@@ -142,27 +143,74 @@ def test_ideal_patterns_on_token_task():
     np.testing.assert_allclose(np.asarray(w[0, 0, 3, :4]), 0.25)
 
 
-def test_singh_presets_run_on_fewshot():
-    cfg, _ = load_config(["experiment=singh_fewshot", "clamp=[perfect_match,single_head]",
-                          "tracking.wandb.mode=disabled", "task.eval_size=20", "measures.names=[none]"])
+def _singh_pass(preset: list[str], sites: list[str]):
+    """One clamped (and one clean) forward pass of the Singh model under clamp presets, with caches."""
+    cfg, _ = load_config(["experiment=singh_fewshot", f"clamp=[{','.join(preset)}]", "tracking.wandb.mode=disabled",
+                          "task.eval_size=20", "measures.names=[none]"])
     tr = Trainer(cfg)
     params = tr.model.params()
-    sites = ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v"]
+    names = sites + ["hook_embed"]
 
     @jax.jit  # op by op, the sampler and the clamped forward pass compile hundreds of one-op programs
     def forward(params, key):
         batch = tr.task.sample(key, 8)
-        hooks = tr.clamps.hooks(params, batch, 0, capture=sites)
-        return batch, tr.model.apply(params, batch, hooks), hooks.cache
+        hooks = tr.clamps.hooks(params, batch, 0, capture=names)
+        clean = Hooks(capture=names)
+        logits = tr.model.apply(params, batch, hooks)
+        tr.model.apply(params, batch, clean)
+        return batch, logits, hooks.cache, clean.cache
 
-    batch, logits, cache = forward(params, jax.random.PRNGKey(0))
-    pat = np.asarray(cache["blocks.1.attn.hook_pattern"])
-    q = tr.task.query_positions[0]
+    batch, logits, cache, clean = forward(params, jax.random.PRNGKey(0))
+    return tr, batch, logits, {k: np.asarray(v) for k, v in cache.items()}, {k: np.asarray(v) for k, v in clean.items()}
+
+
+def test_singh_match_and_single_head_presets_are_the_authors():
+    """--opto_induction_heads 1:3 --opto_ablate_heads 1:0 1:1 1:2 1:4 1:5 1:6 1:7: L1H3's query row is the
+    perfect match, nothing else of the pattern changes, the other layer-1 heads' values are zero."""
+    tr, batch, logits, cache, clean = _singh_pass(["perfect_match", "single_head"],
+                                                   ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_v"])
+    pat, q = cache["blocks.1.attn.hook_pattern"], tr.task.query_positions[0]
     match = np.asarray(batch["query_match"])
-    np.testing.assert_allclose(pat[:, :, q, :], np.broadcast_to(match[:, None, :], pat[:, :, q, :].shape), atol=1e-6)
-    assert np.all(np.asarray(cache["blocks.1.attn.hook_v"])[:, :, 1:] == 0)
+    np.testing.assert_allclose(pat[:, 3, q, :], match, atol=1e-6)
+    others = [h for h in range(8) if h != 3]
+    np.testing.assert_allclose(pat[:, others], clean["blocks.1.attn.hook_pattern"][:, others], atol=1e-6)
+    np.testing.assert_allclose(pat[:, 3, :q], clean["blocks.1.attn.hook_pattern"][:, 3, :q], atol=1e-6)
+    v = cache["blocks.1.attn.hook_v"]
+    assert np.all(v[:, :, others] == 0) and np.any(v[:, :, 3] != 0)
     assert np.isfinite(float(masked_nll(logits, batch)))
-    assert tr.clamps.condition == "layer0+match+single_head"
+    assert tr.clamps.condition == "match+single_head"
+
+
+def test_singh_prev_token_preset_is_the_authors():
+    """--opto_prev_token_heads 0:2: L0H2 attends to the previous position (position 0 to itself), every row."""
+    _, _, _, cache, clean = _singh_pass(["prev_token"], ["blocks.0.attn.hook_pattern"])
+    pat = cache["blocks.0.attn.hook_pattern"]
+    t = pat.shape[-1]
+    want = np.eye(t, k=-1)
+    want[0, 0] = 1
+    np.testing.assert_allclose(pat[:, 2], np.broadcast_to(want, pat[:, 2].shape), atol=1e-6)
+    others = [h for h in range(8) if h != 2]
+    np.testing.assert_allclose(pat[:, others], clean["blocks.0.attn.hook_pattern"][:, others], atol=1e-6)
+
+
+def test_singh_layer0_preset_feeds_patterns_and_values_different_streams():
+    """--opto_specific_fn perfect_prev_token_input: layer 1's queries and keys read the previous position's
+    embedding (the first and last positions their own), its values and the residual the plain embeddings."""
+    sites = ["blocks.0.hook_attn_out", "blocks.1.hook_q_input", "blocks.1.hook_k_input", "blocks.1.hook_v_input",
+             "blocks.1.hook_resid_pre"]
+    _, batch, logits, cache, _ = _singh_pass(["layer0"], sites)
+    e = cache["hook_embed"]  # [b, t, d]
+    t = e.shape[1]
+    assert np.all(cache["blocks.0.hook_attn_out"] == 0)
+    np.testing.assert_allclose(cache["blocks.1.hook_resid_pre"], e, atol=1e-6)  # layer 0 adds nothing
+    shifted = e.copy()
+    shifted[:, 1:t - 1] = e[:, 0:t - 2]
+    for s in ("q", "k"):
+        np.testing.assert_allclose(cache[f"blocks.1.hook_{s}_input"], np.broadcast_to(shifted[:, :, None], (
+            *e.shape[:2], 8, e.shape[2])), atol=1e-6)
+    np.testing.assert_allclose(cache["blocks.1.hook_v_input"], np.broadcast_to(e[:, :, None], (*e.shape[:2], 8,
+                                                                                               e.shape[2])), atol=1e-6)
+    assert np.isfinite(float(masked_nll(logits, batch)))
 
 
 BAD = [
@@ -173,6 +221,8 @@ BAD = [
     (["+clamps.c={site:blocks.0.attn.hook_pattern,value:reference,reference_dir:/nonexistent}"], "reference_dir"),
     (["+clamps.c={site:blocks.0.attn.hook_pattern,query:labels}"], "clamps.c.query"),
     (["+clamps.c={site:blocks.0.attn.hook_pattern,windows:[[5,2]]}"], "clamps.c.windows"),
+    (["+clamps.c={site:blocks.0.attn.hook_pattern,query:'3:3'}"], "clamps.c.query"),
+    (["+clamps.c={site:blocks.0.attn.hook_pattern,query:'a:b'}"], "clamps.c.query"),
 ]
 
 
@@ -201,3 +251,16 @@ def test_perfect_copy_turns_attention_into_the_output(base):
     np.testing.assert_allclose(logits[:, -1], np.log(mass + 1e-6), rtol=1e-5, atol=1e-5)
     clean = np.asarray(tr.model.apply(params, batch))
     np.testing.assert_array_equal(logits[:, :-1], clean[:, :-1])  # other positions untouched
+
+
+def test_a_presets_fields_take_plain_overrides_and_a_typo_gets_one_line(tmp_path, capsys):
+    cfg, _ = load_config(["experiment=singh_fewshot", "clamp=[layer0,single_head]", "clamps.layer0.gradient=stop",
+                          "clamps.single_head.windows=[[0,100]]", "+clamps.extra={site:blocks.0.hook_attn_out}"])
+    assert cfg.clamps["layer0"].gradient == "stop" and cfg.clamps["layer0"].value == "previous_embed"
+    assert cfg.clamps["single_head"].windows == [[0, 100]] and cfg.clamps["extra"].value == "zero"
+    for bad, msg in (("clamps.layer0.gradiant=stop", "clamps.layer0.gradiant: unknown field"),
+                     ("clamps.layer0.strength=abc", "clamps.layer0.strength=abc: must be a number")):
+        code = main(["train", f"run.root={tmp_path / 'runs'}", "experiment=singh_fewshot", "clamp=layer0", bad])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and msg in err, err
+    assert not (tmp_path / "runs").exists()

@@ -198,3 +198,23 @@ def test_identity_queries_equal_a_query_matrix_that_is_the_identity(heads=2, bia
                                                                                          (plain, p_plain)))
     np.testing.assert_allclose(np.asarray(r1), np.asarray(r2), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(r1[:, 0]), np.asarray(o1[:, T - 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_split_inputs_change_nothing_until_one_is_overwritten_and_then_only_what_reads_it():
+    """blocks.L.hook_q_input|hook_k_input|hook_v_input (TransformerLens's split inputs): reading them leaves the
+    logits as they were; overwriting the key input changes layer 1's pattern but not its values."""
+    m = Transformer(ModelConfig(n_layers=2, n_heads=2, d_model=8, positions="rope"), seq_len=T, vocab_size=V,
+                    n_outputs=V, seed=0)
+    p, b = m.params(), tokens()
+    sites = ["blocks.1.hook_q_input", "blocks.1.hook_k_input", "blocks.1.hook_v_input", "blocks.1.attn.hook_pattern",
+             "blocks.1.attn.hook_v"]
+    logits, cache = m.run_with_cache(p, b, sites)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(m.apply(p, b)), rtol=1e-5, atol=1e-6)
+    assert cache["blocks.1.hook_k_input"].shape == (B, T, 2, 8)
+    hooks = Hooks(capture=sites, interventions={"blocks.1.hook_k_input": lambda x: x.at[:, :, 1].set(0.0)})
+    m.apply(p, b, hooks)
+    pat, v = np.asarray(hooks.cache["blocks.1.attn.hook_pattern"]), np.asarray(hooks.cache["blocks.1.attn.hook_v"])
+    ref_pat = np.asarray(cache["blocks.1.attn.hook_pattern"])
+    np.testing.assert_allclose(pat[:, 0], ref_pat[:, 0], atol=1e-6)  # head 0 untouched
+    assert np.abs(pat[:, 1] - ref_pat[:, 1]).max() > 1e-3  # head 1's keys read the zeroed stream
+    np.testing.assert_allclose(v, np.asarray(cache["blocks.1.attn.hook_v"]), atol=1e-6)  # values as before

@@ -82,7 +82,9 @@ def test_fork_without_changes_continues_like_parent(parent, tmp_path):
 def test_fork_with_clamp_changes_the_continuation(parent, tmp_path):
     src, _ = parent
     # the fork's directory given as an override, as on the command line (`lab fork RUN --step 15 run.dir=...`)
-    fork = fork_run(src, 15, ["clamp=prev_token", f"run.dir={tmp_path / 'fork_clamp'}"], quiet=True)
+    # the prev_token preset is Singh's L0H2; a plain override moves it to this 2-head model's L0H0
+    fork = fork_run(src, 15, ["clamp=prev_token", "clamps.prev_token.heads=[0]", f"run.dir={tmp_path / 'fork_clamp'}"],
+                    quiet=True)
     assert fork == tmp_path / "fork_clamp"
     assert yaml.safe_load((fork / "config.yaml").read_text())["run"]["dir"] == str(fork)
     s = json.loads((fork / "summary.json").read_text())
