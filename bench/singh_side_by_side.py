@@ -85,15 +85,12 @@ def run_authors(icl: Path, python: str, features: Path, cond: str, steps: int, o
 def run_lab(features: Path, cond: str, steps: int, out: Path) -> int | None:
     import json
 
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from singh_clamps import CONDITIONS
-
-    from lab.conditions import run_conditions
+    from lab.conditions import SINGH_FIG5B, run_conditions
 
     base = ["experiment=singh_fewshot", f"trainer.steps={steps}", "trainer.eval_every=250", "trainer.eval_log_points=0",
             "checkpoint.every=0", "checkpoint.log_points=0", "trainer.progress=false", "tracking.wandb.mode=disabled",
             f"task.features_path={features}"]
-    dirs = run_conditions(base, {cond: CONDITIONS[cond]}, [0], out, quiet=True)
+    dirs = run_conditions(base, {cond: SINGH_FIG5B[cond]}, [0], out, quiet=True)
     summary = json.loads((dirs[cond][0] / "summary.json").read_text())
     fb = summary["phase"].get("first_below")
     return None if fb is None else int(fb)

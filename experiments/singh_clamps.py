@@ -26,16 +26,9 @@ import math
 from pathlib import Path
 
 from lab.compare import compare
-from lab.conditions import run_conditions
+from lab.conditions import SINGH_FIG5B, run_conditions
 
-CONDITIONS = {
-    "none": ["clamp=single_head"],
-    "prev_token": ["clamp=[prev_token,single_head]"],
-    "layer0": ["clamp=[layer0,single_head]"],
-    "perfect_match": ["clamp=[perfect_match,single_head]"],
-    "perfect_copy": ["clamp=perfect_copy"],
-    "layer0_copy": ["clamp=layer0_copy"],
-}
+CONDITIONS = SINGH_FIG5B  # the presets of each condition (lab/conditions.py)
 
 
 def main():

@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Singh et al. 2024, Fig. 5b, as the authors ran it (ih_paper_runs.sh): each condition's clamp presets. Where
+# they keep one active layer-1 head (L1H3), `single_head` ablates the others (--opto_ablate_heads $REST_HEADS).
+SINGH_FIG5B = {
+    "none": ["clamp=single_head"],
+    "prev_token": ["clamp=[prev_token,single_head]"],
+    "layer0": ["clamp=[layer0,single_head]"],
+    "perfect_match": ["clamp=[perfect_match,single_head]"],
+    "perfect_copy": ["clamp=perfect_copy"],
+    "layer0_copy": ["clamp=layer0_copy"],
+}
+
 
 def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,), root: str | Path = "runs/cmp",
                    quiet: bool = False) -> dict[str, list[Path]]:
