@@ -59,7 +59,9 @@ def task_points_of(cfg) -> list[dict]:
 
 
 def is_batch(cfg) -> bool:
-    return bool(cfg.conditions) or len(seeds_of(cfg)) > 1 or cfg.optim.lrs is not None or bool(cfg.task_values)
+    # trainer.seeds=[1] is a batch of one run with seed 1 (as a solo run it would silently train `seed`)
+    return (bool(cfg.conditions) or len(seeds_of(cfg)) > 1 or cfg.trainer.seeds is not None or cfg.optim.lrs is not None
+            or bool(cfg.task_values))
 
 
 def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:

@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from lab.batch import train_batch
+from lab.batch import expand, is_batch, train_batch
 from lab.config import load_config
 from lab.run import train_run
 from lab.tracking import read_metrics
@@ -129,3 +129,12 @@ def test_task_values_accept_only_the_tasks_data_fields(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: task_values.K=") and "p_B, p_C" in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_single_listed_seed_is_trained_not_ignored(tiny):
+    """`trainer.seeds=[1]` trains seed 1 (a batch of one run); a solo run would silently train `seed` (0)."""
+    ov = tiny + ["trainer.seeds=[1]"]
+    cfg, node = load_config(ov)
+    assert is_batch(cfg)
+    assert [r["seed"] for r in expand(cfg, node, ov)] == [1]
+    assert not is_batch(load_config(tiny)[0])
