@@ -14,7 +14,8 @@ L0H2) and, where they use it, one active layer-1 head (the others' values ablate
 
 (REST_HEADS = 1:0 1:1 1:2 1:4 1:5 1:6 1:7; each preset's header in configs/clamp/ says which function of
 opto.py it follows.) Runs go to ROOT/<condition>-s<seed>/; trailing arguments are Hydra overrides passed to
-every run (e.g. task.features_path=FILE.h5 for a feature file in the authors' layout). Writes fig5b.png,
+every run (e.g. task.features_path=FILE.h5 for a feature file in the authors' layout); each condition's seeds
+train as one vmapped program (lab.batch), each run written as if alone. Writes train_loss.png,
 table.md (first step with train loss below 0.4 ln 2, Singh's phase-change time) and report.html to ROOT.
 
 Run:  .venv/bin/python experiments/singh_clamps.py                          # 6e5 sequences (18,750 steps)
@@ -41,7 +42,8 @@ def main():
     args = ap.parse_args()
     base = ["experiment=singh_fewshot", f"trainer.steps={args.steps}", "trainer.eval_every=250",
             "trainer.eval_log_points=40", "checkpoint.every=0", "checkpoint.log_points=6", *args.overrides]
-    run_conditions(base, {c: CONDITIONS[c] for c in args.conditions}, args.seeds, args.root)
+    # each condition's seeds as one vmapped program
+    run_conditions(base, {c: CONDITIONS[c] for c in args.conditions}, args.seeds, args.root, batched=True)
     out = compare([args.root], metrics=["train/loss"], baseline=str(Path(args.root) / f"none-s{args.seeds[0]}"),
                   out=args.root, threshold=0.4 * math.log(2))
     print((out / "table.md").read_text())

@@ -273,18 +273,30 @@ def free_device_bytes() -> float | None:
     return None
 
 
-def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False) -> Path:
-    """Train every (condition, seed) of ``cfg`` as one program; returns the batch directory."""
+def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False, name: str | None = None) -> Path:
+    """Train every (condition, seed) of ``cfg`` as one program; returns the batch directory.
+
+    ``name``: the runs go to ``run.dir/<name>-s<seed>`` inside a folder that may already hold other runs
+    (lab.conditions: one condition's seeds as one program beside the other conditions' runs), and the index
+    to ``batch-<name>.json``."""
     from lab.run import _write_config, execute_runs, resolve_run_dir
 
     runs = expand(cfg, node, overrides)
+    if name is not None:
+        root = Path(cfg.run.dir)
+        for r in runs:
+            d = root / f"{name}-s{r['seed']}"
+            if d.exists() and any(d.iterdir()):
+                raise LabError(f"run.dir={d}: exists and is not empty; choose a new directory "
+                               "(a run directory is never overwritten)")
     bt = BatchTrainer([r["cfg"] for r in runs])
     state = bt.init_state()
     limit = cfg.trainer.memory_limit_gb * GiB if cfg.trainer.memory_limit_gb is not None else None
     mem = bt.check_memory(state, limit)
-    root = resolve_run_dir(cfg)
+    if name is None:
+        root = resolve_run_dir(cfg)
     for r in runs:
-        r["dir"] = root / f"{r['label']}-s{r['seed']}"
+        r["dir"] = root / f"{name or r['label']}-s{r['seed']}"
         r["overrides"] = r["overrides"] + [f"run.dir={r['dir']}"]
         r["node"].run.dir = str(r["dir"])
     for r in runs:
@@ -293,7 +305,7 @@ def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False
              "seeds": seeds_of(cfg), "lrs": cfg.optim.lrs and [float(x) for x in cfg.optim.lrs],
              "memory_bytes": mem["bytes"], "device": str(jax.devices()[0].device_kind),
              "runs": [{"dir": r["dir"].name, "condition": r["label"], "seed": r["seed"]} for r in runs]}
-    (root / "batch.json").write_text(json.dumps(index, indent=2))
+    (root / ("batch.json" if name is None else f"batch-{name}.json")).write_text(json.dumps(index, indent=2))
     if not quiet:
         print(f"{len(runs)} runs as one program ({mem['bytes'] / 2**20:.1f} MiB): {root}", file=sys.stderr)
     execute_runs(bt, [r["node"] for r in runs], [r["dir"] for r in runs], state, quiet=quiet,

@@ -22,23 +22,35 @@ SINGH_FIG5B = {
 
 
 def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,), root: str | Path = "runs/cmp",
-                   quiet: bool = False) -> dict[str, list[Path]]:
-    """Train every (condition, seed); skip those whose run directory already has a summary."""
+                   quiet: bool = False, batched: bool = False) -> dict[str, list[Path]]:
+    """Train every (condition, seed); skip those whose run directory already has a summary.
+
+    ``batched``: each condition's seeds train as one vmapped program (lab.batch), into the same
+    ``root/<condition>-s<seed>`` directories, each written as if its run had trained alone."""
+    import shutil
+
+    from lab.batch import train_batch
     from lab.config import load_config
     from lab.run import train_run
 
     root = Path(root)
     out: dict[str, list[Path]] = {}
     for label, extra in conditions.items():
+        todo = []
         for seed in seeds:
             run_dir = root / f"{label}-s{seed}"
             if not (run_dir / "summary.json").exists():
                 if run_dir.exists():
-                    import shutil
-
                     shutil.rmtree(run_dir)  # an unfinished run of this script: start it again
-                overrides = [*base, *extra, f"seed={seed}", f"run.dir={run_dir}"]
-                cfg, node = load_config(overrides)
-                train_run(cfg, node, quiet=quiet, overrides=overrides)
+                todo.append(seed)
             out.setdefault(label, []).append(run_dir)
+        if batched and len(todo) > 1:
+            overrides = [*base, *extra, f"trainer.seeds=[{','.join(map(str, todo))}]", f"run.dir={root}"]
+            cfg, node = load_config(overrides)
+            train_batch(cfg, node, overrides, quiet=quiet, name=label)
+            continue
+        for seed in todo:
+            overrides = [*base, *extra, f"seed={seed}", f"run.dir={root / f'{label}-s{seed}'}"]
+            cfg, node = load_config(overrides)
+            train_run(cfg, node, quiet=quiet, overrides=overrides)
     return out

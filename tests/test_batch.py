@@ -138,3 +138,23 @@ def test_a_single_listed_seed_is_trained_not_ignored(tiny):
     assert is_batch(cfg)
     assert [r["seed"] for r in expand(cfg, node, ov)] == [1]
     assert not is_batch(load_config(tiny)[0])
+
+
+def test_conditions_batched_per_condition_write_the_same_directories_as_solo_runs(tiny, tmp_path):
+    """lab.conditions.run_conditions(batched=True): each condition's seeds as one program, into
+    ROOT/<condition>-s<seed>, each run's directory as a solo run writes it; finished runs are not trained again."""
+    from lab.conditions import run_conditions
+
+    base = tiny + ["trainer.steps=20", "checkpoint.every=10"]
+    conds = {"plain": [], "clamped": ["clamp=prev_token", "clamps.prev_token.heads=[0]"]}
+    dirs = run_conditions(base, conds, seeds=(0, 2), root=tmp_path / "cmp", quiet=True, batched=True)
+    for label in conds:
+        for seed, d in zip((0, 2), dirs[label], strict=True):
+            assert d == tmp_path / "cmp" / f"{label}-s{seed}"
+            s = json.loads((d / "summary.json").read_text())
+            assert s["seed"] == seed and s["batched_runs"] == 2
+            assert f"run.dir={d}" in json.loads((d / "overrides.json").read_text())["overrides"]
+        assert (tmp_path / "cmp" / f"batch-{label}.json").exists()
+    stamp = (dirs["plain"][0] / "summary.json").stat().st_mtime_ns
+    run_conditions(base, conds, seeds=(0, 2), root=tmp_path / "cmp", quiet=True, batched=True)
+    assert (dirs["plain"][0] / "summary.json").stat().st_mtime_ns == stamp
