@@ -190,7 +190,7 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
         cfg.tracking.wandb.mode = wandb_mode
     circuit = None
     if trainer.task.mechanism_metric and cfg.measures.circuit:  # the circuit summary at every checkpoint
-        from lab.measures.mechanism import CircuitSummary
+        from lab.measures.mechanism import CircuitSummary, flat
 
         circuit = CircuitSummary(trainer.model, trainer.task)
     out = run_dir / out_name
@@ -215,8 +215,6 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
             row.update(trainer.evaluate(state))
             row.update(trainer.measures(state["params"]))
             if circuit is not None:
-                from lab.measures.mechanism import flat
-
                 row.update(flat(circuit(state["params"], row)))
             jax.block_until_ready(state)
             tracker.log(row)

@@ -258,7 +258,8 @@ class CircuitSummaries:
             return None
         key = repr(c.task)
         if key not in self.built:
-            self.built[key] = CircuitSummary(tr.model, tr.task if len(self.cfgs) == 1 else make_task(c.task))
+            # the trainer's task is cfgs[0]'s: a batched run whose task differs in data fields gets its own
+            self.built[key] = CircuitSummary(tr.model, tr.task if c.task == self.cfgs[0].task else make_task(c.task))
         return self.built[key](tr.run_state(self.state, i)["params"], final)
 
 

@@ -6,13 +6,15 @@ evidence:
 
 - attention: the head with the highest prefix-matching score (attention from a token to the token
   after its earlier occurrence, on random tokens with one copied segment at random offsets) is the
-  induction head; the head of an earlier layer with the highest previous-token score is the
-  previous-token head;
+  induction head, and every head after layer 0 scoring at least PREFIX_MATCHING_MIN is one of the
+  induction heads; likewise the earlier-layer head with the highest previous-token score, and every
+  earlier head scoring at least PREV_TOKEN_MIN, are the previous-token heads;
 - weights: the K-composition between the two (||W_K^ind^T W_OV^prev||_F / (||W_OV|| ||W_K||),
   Elhage et al. 2021), beside the same score for random matrices of the same shapes;
 - cause: the task's mechanism loss (``task.mechanism_metric``: for the repeat task the repeated-token
-  loss on held-out layouts) with each head's values set to zero (zero-ablation: the head then writes
-  only its share of the output bias) minus the loss intact;
+  loss on held-out layouts) with the induction heads' values set to zero together (zero-ablation: a
+  head then writes only its share of the output bias) minus the loss intact; also each head alone
+  and the previous-token heads together;
 
 and, where the task has held-out layouts, generalisation: the held-out repeated loss next to the
 trained one. The verdict is "induction circuit" only when every check passes (thresholds below, and
