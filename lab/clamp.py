@@ -299,7 +299,8 @@ class ClampSet:
         interventions: dict[str, list] = {}
         shared: dict[str, jax.Array] = {}
         for cl in active:
-            on = cl.on(step) if gates is None else cl.on(step) * gates[cl.name]
+            # a probe clamp (measures.clamps) has no gate: it acts on every run of a batch alike
+            on = cl.on(step) if gates is None or cl.name not in gates else cl.on(step) * gates[cl.name]
             interventions.setdefault(cl.site, []).append(self._make(cl, batch, on, extra.get(cl.name), t, shared))
             if cl.c.value == "ablate" and cl.c.preserve != "none":
                 for site, v in extra[cl.name].items():

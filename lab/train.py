@@ -113,8 +113,12 @@ class Trainer:
         trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
         self.measures = Measures(cfg.measures, self.model, self.task, loss_fn=self.loss, batch_size=tc.batch_size,
                                  trainable=trainable)
-        # progress measures by clamp: the current model evaluated with a clamp it was not trained with
-        self.probe_clamps = {name: ClampSet({name: spec}, self.model, self.task)
+        # progress measures by clamp: the current model, as it runs (its own clamps included, as at the step),
+        # with one more clamp it was not trained with. A run trained with one active head (Singh's single_head)
+        # keeps the others ablated under the probe, as the authors' progress measures do (their Fig. 10 adds
+        # the probe clamp to --opto_ablate_heads). A probe named like one of the run's clamps replaces it.
+        run_specs = dict(getattr(cfg, "clamps", None) or {})
+        self.probe_clamps = {name: ClampSet({**run_specs, name: spec}, self.model, self.task)
                              for name, spec in cfg.measures.clamps.items()}
         self.watch = cfg.watch or self.task.watch_metric
         self.scan_fn = jax.jit(self._scan, donate_argnums=0)  # steps_per_call steps
@@ -234,13 +238,13 @@ class Trainer:
         c = max(d for d in range(1, min(n, self.cfg.trainer.eval_batch_size) + 1) if n % d == 0)
         chunks = jax.tree_util.tree_map(lambda a: a.reshape(n // c, c, *a.shape[1:]), batch)
 
-        if frozen is not None and clamps is self.clamps:
-            # the snapshot a training step at `step` would use (taken when a window opens at `step`)
+        if frozen is not None and clamps:
+            # the snapshot a training step at `step` would use (taken when a window opens at `step`); probe
+            # views hold the run's clamps too, so they use the same snapshot
             frozen = self.clamps.update_frozen(frozen, params, step)
 
         def fwd(b):
-            g = gates if clamps is self.clamps else None  # probe clamps act on every run alike
-            hooks = clamps.hooks(params, b, step, frozen, training=False, gates=g) if clamps else NO_HOOKS
+            hooks = clamps.hooks(params, b, step, frozen, training=False, gates=gates) if clamps else NO_HOOKS
             return self.model.apply(params, b, hooks)
 
         logits = jax.lax.map(fwd, chunks)

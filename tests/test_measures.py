@@ -127,6 +127,26 @@ def test_measures_logged_per_head_in_a_run():
     assert float(jnp.isfinite(jnp.asarray(list(row.values()))).all())
 
 
+def test_a_probe_clamp_adds_to_the_runs_own_clamps():
+    """Singh's progress measures (their Fig. 10) keep the run's ablations and add the probe clamp: the
+    probe view of a run trained with layer 1 ablated is that run's model, not the unablated one."""
+    from lab.config import load_config
+    from lab.train import Trainer
+    from tests.conftest import TINY
+
+    cfg, _ = load_config(TINY + ["trainer.log_unclamped=true",
+                                 "+clamps.abl={site:blocks.1.attn.hook_v,value:ablate}",
+                                 "+measures.clamps.noop={site:blocks.0.attn.hook_pattern,value:uniform,strength:0.0}",
+                                 "+measures.clamps.pt={site:blocks.0.attn.hook_pattern,value:previous_token}"])
+    tr = Trainer(cfg)
+    ev = tr.evaluate(tr.init_state())
+    # a probe that changes nothing sees the run as trained (layer 1 ablated), not the unclamped model
+    assert abs(ev["test@noop/loss"] - ev["test/loss"]) < 1e-6
+    assert abs(ev["test@noop/loss"] - ev["test@unclamped/loss"]) > 1e-4
+    # with layer 1's values ablated, layer 0's pattern still reaches the loss through layer 0's output
+    assert abs(ev["test@pt/loss"] - ev["test/loss"]) > 1e-5
+
+
 def test_llc_of_a_quadratic_is_half_its_dimension():
     from lab.measures.llc import estimate_llc
 
