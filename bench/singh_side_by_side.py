@@ -2,7 +2,7 @@
 
 Given a checkout of aadityasingh/icl-dynamics and a Python environment that runs it (their setup.md; on
 the CPU: ``python -m venv ENV && ENV/bin/pip install "jax[cpu]==0.4.26" jaxlib==0.4.26 "equinox<0.11.5"
-nptyping h5py optax==0.2.2 "numpy<2" tqdm scipy``; the checkout's omniglot .h5 is not needed), this
+nptyping h5py optax==0.2.2 "numpy<2" tqdm scipy matplotlib``; the checkout's omniglot .h5 is not needed), this
 trains every Fig. 5b condition with both codes on the same feature file in the authors' HDF5 layout
 (dataset ``resnet18/224/feat``, [1623 classes, 5 exemplars, 512]) and prints, per condition, the first
 training step at which the train loss falls below 0.4 ln 2 (Singh's phase-change time). The authors'

@@ -7,6 +7,7 @@ puts them side by side from the directories alone.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 # Singh et al. 2024, Fig. 5b, as the authors ran it (ih_paper_runs.sh): each condition's clamp presets. Where
@@ -53,4 +54,37 @@ def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,)
             overrides = [*base, *extra, f"seed={seed}", f"run.dir={root / f'{label}-s{seed}'}"]
             cfg, node = load_config(overrides)
             train_run(cfg, node, quiet=quiet, overrides=overrides)
+    return out
+
+
+def _override_value(v) -> str:
+    """A clamp field's value in Hydra's override grammar (strings quoted: slices such as 1:-1 hold colons)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return "'" + v + "'"
+    return "null" if v is None else repr(v)
+
+
+def probe_overrides(probes: dict[str, str], base: list[str]) -> list[str]:
+    """``+measures.clamps.NAME={...}`` overrides that evaluate a run with a clamp preset's clamp switched on
+    (Singh's progress measure by clamp), so a probe is defined once, by its preset in configs/clamp/.
+    ``probes``: {probe name: preset}; each preset must hold one clamp (a probe is one clamp added to the
+    run's own). ``base``: the run's overrides (the preset is composed against the same experiment)."""
+    from lab.clamp import ClampConfig
+    from lab.config import load_config
+    from lab.errors import LabError
+
+    default = asdict(ClampConfig())
+    out = []
+    for name, preset in probes.items():
+        cfg, _ = load_config([*base, f"clamp={preset}"])
+        if len(cfg.clamps) != 1:
+            raise LabError(f"probes.{name}={preset}: a probe is one clamp, and preset {preset} holds "
+                           f"{len(cfg.clamps)} ({', '.join(cfg.clamps)})")
+        spec = asdict(next(iter(cfg.clamps.values())))
+        fields = ",".join(f"{k}:{_override_value(v)}" for k, v in spec.items() if v != default[k])
+        out.append(f"+measures.clamps.{name}={{{fields}}}")
     return out

@@ -264,3 +264,19 @@ def test_a_presets_fields_take_plain_overrides_and_a_typo_gets_one_line(tmp_path
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and msg in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_probe_overrides_switch_on_exactly_the_presets_clamp():
+    """experiments/singh_progress.py's probes are the presets themselves, not a copy that could drift."""
+    from lab.conditions import probe_overrides
+    from lab.errors import LabError
+
+    base = ["experiment=singh_fewshot"]
+    probes = probe_overrides({"pt": "prev_token", "m": "perfect_match"}, base)
+    cfg, _ = load_config([*base, *probes])
+    assert cfg.clamps == {}  # the run itself is not clamped
+    for name, preset in (("pt", "prev_token"), ("m", "perfect_match")):
+        want, _ = load_config([*base, f"clamp={preset}"])
+        assert cfg.measures.clamps[name] == next(iter(want.clamps.values()))
+    with pytest.raises(LabError, match="layer0"):
+        probe_overrides({"l0": "layer0"}, base)  # two clamps: not one probe
