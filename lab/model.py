@@ -47,7 +47,12 @@ class ModelConfig:
     input_proj: str = "linear"  # how continuous items enter: linear | identity
     mlp_head: int = 0  # width of Reddy's ReLU MLP classifier on the residual (0: none)
     mlp_layers: int = 3
-    init_std: float = 0.02
+    init_std: float = 0.02  # embeddings (init: normal)
+    # normal: N(0, init_std) embeddings, N(0, 1/fan_in) matrices. torch: PyTorch's nn.Embedding / nn.Linear
+    # defaults, as the PyTorch reference code (Bietti's transformer-birth) initialises: N(0, 1) token and
+    # position embeddings (frozen random positions too), matrices U(-1/sqrt(fan_in), 1/sqrt(fan_in)); biases
+    # stay zero. The scale matters: Bietti's learning rate is tuned to embeddings of norm sqrt(d).
+    init: str = "normal"
     rope_base: float = 10000.0
     freeze: list[str] = field(default_factory=list)  # globs over parameter names
 
@@ -77,6 +82,7 @@ class ModelConfig:
         check(self.mlp_head >= 0, "model.mlp_head", self.mlp_head, "must be >= 0")
         check(self.mlp_layers >= 1, "model.mlp_layers", self.mlp_layers, "must be >= 1")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+        check(self.init in ("normal", "torch"), "model.init", self.init, "one of normal, torch")
 
 
 class Const(nnx.Variable):
@@ -85,6 +91,18 @@ class Const(nnx.Variable):
 
 def _normal(rngs, shape, std):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+def _initialisers(cfg: ModelConfig, rngs):
+    """(embedding init of a shape, matrix init of a shape and fan-in), per ``cfg.init``."""
+    if cfg.init == "torch":
+        def matrix(shape, fan_in):
+            bound = 1.0 / math.sqrt(fan_in)
+            return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+
+        return (lambda shape: _normal(rngs, shape, 1.0)), matrix
+    return (lambda shape: _normal(rngs, shape, cfg.init_std)), (lambda shape, fan_in: _normal(rngs, shape,
+                                                                                              1 / math.sqrt(fan_in)))
 
 
 def sinusoidal(n_pos: int, d: int) -> jax.Array:
@@ -113,29 +131,32 @@ class _Weights(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, seq_len: int, vocab_size: int, n_outputs: int, feature_dim: int, seed: int):
         rngs = nnx.Rngs(params=seed)
-        d, h, dh, std = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.init_std
+        d, h, dh = cfg.d_model, cfg.n_heads, cfg.head_dim
+        emb, mat = _initialisers(cfg, rngs)
         P = nnx.Param
-        self.embed = nnx.Dict(W_E=P(_normal(rngs, (vocab_size, d), std)))
+        self.embed = nnx.Dict(W_E=P(emb((vocab_size, d))))
         if feature_dim and cfg.input_proj == "linear":
-            self.embed["W_in"] = P(_normal(rngs, (feature_dim, d), 1.0 / math.sqrt(feature_dim)))
+            self.embed["W_in"] = P(mat((feature_dim, d), feature_dim))
             self.embed["b_in"] = P(jnp.zeros((d,)))
-        pos = {"learned": lambda: P(_normal(rngs, (seq_len, d), std)),
-               "shortformer": lambda: P(_normal(rngs, (seq_len, d), std)),
-               "frozen_random": lambda: Const(_normal(rngs, (seq_len, d), 1.0 / math.sqrt(d))),
+        frozen_pos = (lambda: emb((seq_len, d))) if cfg.init == "torch" else (
+            lambda: _normal(rngs, (seq_len, d), 1.0 / math.sqrt(d)))  # unit-norm rows
+        pos = {"learned": lambda: P(emb((seq_len, d))),
+               "shortformer": lambda: P(emb((seq_len, d))),
+               "frozen_random": lambda: Const(frozen_pos()),
                "sinusoidal": lambda: Const(sinusoidal(seq_len, d)),
                "onehot": lambda: Const(jnp.eye(seq_len, d))}
         self.pos_embed = nnx.Dict(W_pos=pos[cfg.positions]()) if cfg.positions in pos else nnx.Dict()
         blocks = []
         for _ in range(cfg.n_layers):
             attn = nnx.Dict(
-                W_Q=Const(jnp.eye(d)[None]) if cfg.wq_identity else P(_normal(rngs, (h, d, dh), 1 / math.sqrt(d))),
-                W_K=P(_normal(rngs, (h, d, dh), 1 / math.sqrt(d))),
-                W_V=P(_normal(rngs, (h, d, dh), 1 / math.sqrt(d))),
+                W_Q=Const(jnp.eye(d)[None]) if cfg.wq_identity else P(mat((h, d, dh), d)),
+                W_K=P(mat((h, d, dh), d)),
+                W_V=P(mat((h, d, dh), d)),
             )
             if cfg.wq_identity and h > 1:
                 attn["W_Q"] = Const(jnp.broadcast_to(jnp.eye(d)[None], (h, d, d)))
             if cfg.use_wo:
-                attn["W_O"] = P(_normal(rngs, (h, dh, d), 1 / math.sqrt(h * dh)))
+                attn["W_O"] = P(mat((h, dh, d), h * dh))
             if cfg.bias:
                 for nm in ("b_Q", "b_K", "b_V"):
                     attn[nm] = P(jnp.zeros((h, dh)))
@@ -152,11 +173,12 @@ class _Weights(nnx.Module):
         if cfg.mlp_head:
             mlp = nnx.Dict()
             for i in range(cfg.mlp_layers):
-                mlp[f"W_{i}"] = P(_normal(rngs, (width, cfg.mlp_head), math.sqrt(2.0 / width)))
+                mlp[f"W_{i}"] = P(_normal(rngs, (width, cfg.mlp_head), math.sqrt(2.0 / width)) if cfg.init == "normal"
+                                  else mat((width, cfg.mlp_head), width))
                 mlp[f"b_{i}"] = P(jnp.zeros((cfg.mlp_head,)))
                 width = cfg.mlp_head
             self.mlp = mlp
-        self.unembed = nnx.Dict(W_U=P(_normal(rngs, (width, n_outputs), 1 / math.sqrt(width))),
+        self.unembed = nnx.Dict(W_U=P(mat((width, n_outputs), width)),
                                 b_U=P(jnp.zeros((n_outputs,))))
 
 

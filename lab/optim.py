@@ -24,6 +24,9 @@ class OptimConfig:
     # adamw: decoupled decay (lr-scaled). sgd: multiplicative decay w <- w * (1 - weight_decay) every step,
     # independent of the learning rate, as in Reddy's code. adam: ignored unless 0.
     weight_decay: float = 0.0
+    # sgd only: how weight_decay acts. multiplicative (Reddy's code); l2: PyTorch's torch.optim.SGD, the decay
+    # added to the gradient before momentum, g <- g + weight_decay * w (Bietti's code)
+    sgd_decay: str = "multiplicative"
     schedule: str = "constant"
     warmup_steps: int = 0
     end_lr_frac: float = 0.0  # cosine / linear decay ends at lr * end_lr_frac
@@ -36,6 +39,8 @@ class OptimConfig:
         check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
         check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.sgd_decay in ("multiplicative", "l2"), "optim.sgd_decay", self.sgd_decay,
+              "one of multiplicative, l2")
         check(self.name != "adam" or self.weight_decay == 0, "optim.weight_decay", self.weight_decay,
               "must be 0 with optim.name=adam (use adamw)")
         check(self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
@@ -69,7 +74,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, frozen_mask=None, lr=None
     lr = learning_rate(cfg, total_steps, lr)
     if cfg.name == "sgd":
         base = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
-        if cfg.weight_decay:
+        if cfg.weight_decay and cfg.sgd_decay == "l2":
+            # before the momentum trace: g + wd * w, as torch.optim.SGD
+            base = optax.chain(optax.add_decayed_weights(cfg.weight_decay), base)
+        elif cfg.weight_decay:
             # after the -lr scaling: adding -wd * w to the update gives w <- w (1 - wd)
             base = optax.chain(base, optax.add_decayed_weights(-cfg.weight_decay))
     elif cfg.name == "adam":

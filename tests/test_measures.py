@@ -180,9 +180,13 @@ def test_memory_recall_on_constructed_memories():
               "blocks": {"0": {"attn": {"W_Q": eye, "W_K": shift.T[None], "W_V": eye, "W_O": eye}},
                          "1": {"attn": {"W_Q": eye, "W_K": eye, "W_V": eye, "W_O": eye}}}}
     r = circuits.memory_recall(params, {"pos_embed": {"W_pos": pos}}, n)
-    assert r == {"recall/L1_ov": 1.0, "recall/L1_qk": 1.0, "recall/L0_qk": 1.0}
+    assert r == {"memory_recall/wo1": 1.0, "memory_recall/wk1": 1.0, "memory_recall/wk0": 1.0,
+                 "memory_recall/wk0_64": 1.0}
+    # wk1 over a subset (the authors' fixed triggers) matches within the subset
+    sub = circuits.memory_recall(params, {"pos_embed": {"W_pos": pos}}, n, triggers=[3, 5, 7])
+    assert sub["memory_recall/wk1"] == 1.0
     rand = {"embed": {"W_E": we}, "unembed": {"W_U": rng.normal(size=(d, n))},
             "blocks": {"0": {"attn": {k: rng.normal(size=(1, d, d)) for k in ("W_Q", "W_K", "W_V", "W_O")}},
                        "1": {"attn": {k: rng.normal(size=(1, d, d)) for k in ("W_Q", "W_K", "W_V", "W_O")}}}}
     r = circuits.memory_recall(rand, {"pos_embed": {"W_pos": pos}}, n)
-    assert r["recall/L1_ov"] < 0.5 and r["recall/L1_qk"] < 0.5
+    assert r["memory_recall/wo1"] < 0.5 and r["memory_recall/wk1"] < 0.5 and r["memory_recall/wk0"] < 0.5

@@ -91,16 +91,19 @@ def param_norms(params: dict) -> dict[str, float]:
     return out
 
 
-def memory_recall(params: dict, consts: dict, n_tokens: int) -> dict[str, float]:
-    """Bietti et al.'s associative-memory probes, for head 0 of a 2-layer model. Each is the fraction of
+def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_cutoff: int = 64) -> dict[str, float]:
+    """Bietti et al.'s associative-memory recall probes, as their ihead_basic_main.py computes them (its
+    ``test_wo1``, ``test_wk1``, ``test_wk0``), for head 0 of a 2-layer model. Each is the fraction of
     probes whose argmax through the memory recovers the intended item:
 
-    - ``recall/L1_ov``: token j's embedding through layer 1's value-output circuit and the unembedding
-      gives logit argmax j (the output memory: copy the attended token);
-    - ``recall/L1_qk``: the query of token i (layer 1) scores highest the key that carries "previous
-      token = i" (layer 0's value-output of token i): the induction match;
-    - ``recall/L0_qk``: the query at position t (layer 0, position embedding) scores position t - 1
-      highest: the previous-token memory.
+    - ``memory_recall/wo1``: token j's embedding through layer 1's W_V, W_O and the unembedding gives
+      logit argmax j (the output memory: copy the attended token), over every token;
+    - ``memory_recall/wk1``: the layer-1 query of token a (W_Q1 x_a) scores highest, among the keys
+      W_K1 W_O0 W_V0 x_b, the one with b = a (the induction match: "previous token = a"), over the fixed
+      ``triggers`` where given (the authors' fixed_special_toks), else over every token;
+    - ``memory_recall/wk0``: the layer-0 query of position t + 1 (its position embedding) scores position t
+      highest among the keys of positions 0 .. T-2, unmasked, as theirs (the previous-token memory);
+      ``wk0_64``: the same over the first ``wk0_cutoff`` positions.
     """
     from lab.model import merge_consts
 
@@ -114,17 +117,17 @@ def memory_recall(params: dict, consts: dict, n_tokens: int) -> dict[str, float]
     if wu.shape[0] == we.shape[1]:
         ov1 = ov_matrix(p, consts, 1, 0)
         logits = we @ ov1 @ wu[:, :n_tokens]  # [n, n]
-        out["recall/L1_ov"] = float(np.mean(np.argmax(logits, 1) == np.arange(n_tokens)))
+        out["memory_recall/wo1"] = float(np.mean(np.argmax(logits, 1) == np.arange(n_tokens)))
     wo0 = np.asarray(a0["W_O"][0]) if "W_O" in a0 else np.eye(np.asarray(a0["W_V"]).shape[-1])
-    prev_key = we @ np.asarray(a0["W_V"][0]) @ wo0  # [n, d]: what layer 0 writes for "previous token = j"
-    q1 = we @ np.asarray(a1["W_Q"][0])  # [n, dh]
+    toks = we if triggers is None else we[np.asarray(triggers)]
+    prev_key = toks @ np.asarray(a0["W_V"][0]) @ wo0  # [n, d]: what layer 0 writes for "previous token = b"
+    q1 = toks @ np.asarray(a1["W_Q"][0])  # [n, dh]
     k1 = prev_key @ np.asarray(a1["W_K"][0])
-    out["recall/L1_qk"] = float(np.mean(np.argmax(q1 @ k1.T, 1) == np.arange(n_tokens)))
+    out["memory_recall/wk1"] = float(np.mean(np.argmax(q1 @ k1.T, 1) == np.arange(len(toks))))
     if "W_pos" in p.get("pos_embed", {}):
         pos = np.asarray(p["pos_embed"]["W_pos"])
-        q0, k0 = pos @ np.asarray(a0["W_Q"][0]), pos @ np.asarray(a0["W_K"][0])
-        s = q0 @ k0.T
-        t = pos.shape[0]
-        s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
-        out["recall/L0_qk"] = float(np.mean(np.argmax(s[1:], 1) == np.arange(t - 1)))
+        wq0, wk0 = np.asarray(a0["W_Q"][0]), np.asarray(a0["W_K"][0])
+        for name, pe in (("wk0", pos), (f"wk0_{wk0_cutoff}", pos[:wk0_cutoff])):
+            s = (pe[1:] @ wq0) @ (pe[:-1] @ wk0).T  # [T-1 queries, T-1 keys]
+            out[f"memory_recall/{name}"] = float(np.mean(np.argmax(s, 1) == np.arange(len(pe) - 1)))
     return out

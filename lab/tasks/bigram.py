@@ -5,7 +5,9 @@ from Dirichlet(dirichlet), pi_u its stationary law) or estimated from a user's t
 (characters; pi_u = character frequencies, pi_b = bigram counts with add-one smoothing; the
 vocabulary is the sorted set of distinct characters, ``task.alphabet``).
 
-Per sequence each trigger gets an output token drawn from pi_u; x_0 ~ pi_u; after a trigger
+Per sequence each trigger gets an output token, drawn uniformly over the vocabulary (``output_law:
+uniform``, as the authors' code does: ihead_data.py draws ``rng.choice(pool)``) or from pi_u
+(``unigram``); x_0 ~ pi_u; after a trigger
 comes its output, otherwise x_{t+1} ~ pi_b[x_t]. tokens = x[:-1], targets = x[1:].
 Masks: ``icl`` = positions holding a trigger that already occurred earlier in the sequence
 (its successor is predictable from context only); ``global`` = positions not holding a trigger.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from dataclasses import dataclass
 
 import jax
@@ -57,6 +60,42 @@ def text_stats(text: str) -> tuple[str, np.ndarray, np.ndarray]:
     return "".join(alphabet.tolist()), pi_u, pi_b
 
 
+class _DataOnly(pickle.Unpickler):
+    """Unpickles plain data (dicts, strings, numbers, tuples) and refuses every class: a stats file is data,
+    and a pickle that names a class could run code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; only plain dicts, strings and numbers are read")
+
+
+def meta_stats(path: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """(alphabet, pi_u, pi_b) from the authors' ``data/meta.pkl`` (albietz/transformer-birth: ``itos``, and
+    character ``unigrams`` and ``bigrams`` counts), normalised as their ihead_data.py does: no smoothing
+    (a character never followed by another gets a uniform row, where theirs would divide by zero)."""
+    field = "task.stats_path"
+    check(os.path.isfile(path), field, path, "no such file")
+    try:
+        with open(path, "rb") as f:
+            meta = _DataOnly(f).load()
+        itos = meta["itos"]
+        V = len(itos)
+        stoi = {itos[i]: i for i in range(V)}
+        pi_u = np.zeros(V)
+        for ch, n in meta["unigrams"].items():
+            pi_u[stoi[ch]] = n
+        counts = np.zeros((V, V))
+        for (a, b), n in meta["bigrams"].items():
+            counts[stoi[a], stoi[b]] += n
+    except ConfigError:
+        raise
+    except Exception as e:  # not a pickle, a pickle of something else, a missing key
+        raise ConfigError(field, path, f"not a meta.pkl of unigram and bigram counts ({type(e).__name__}: {e})") from e
+    check(pi_u.sum() > 0 and V >= 2, field, path, "holds no character counts")
+    rows = counts.sum(axis=1, keepdims=True)
+    pi_b = np.where(rows > 0, counts / np.maximum(rows, 1e-300), 1.0 / V)
+    return "".join(itos[i] for i in range(V)), pi_u / pi_u.sum(), pi_b
+
+
 def stationary(P: np.ndarray) -> np.ndarray:
     """Stationary law pi (pi P = pi) of a row-stochastic matrix, solving pi (I - P + J) = 1."""
     V = P.shape[0]
@@ -73,7 +112,9 @@ class BigramConfig(TaskConfig):
     n_triggers: int = 5
     trigger_mode: str = "frequent"  # "frequent": the n most probable tokens; "sampled": per sequence
     loss_on: str = "all"  # "all" positions, or "triggers": the icl positions only
+    output_law: str = "uniform"  # each trigger's output per sequence: uniform over the vocabulary | unigram (pi_u)
     text_path: str | None = None  # estimate pi_u, pi_b from this text's characters
+    stats_path: str | None = None  # pi_u, pi_b from the authors' data/meta.pkl (character counts, unsmoothed)
     dirichlet: float = 0.5  # synthetic rows pi_b[i] ~ Dirichlet(dirichlet)
     data_seed: int = 0
 
@@ -88,7 +129,14 @@ class BigramConfig(TaskConfig):
             "one of frequent, sampled",
         )
         check(self.loss_on in ("all", "triggers"), "task.loss_on", self.loss_on, "one of all, triggers")
-        if self.text_path:
+        check(self.output_law in ("uniform", "unigram"), "task.output_law", self.output_law, "one of uniform, unigram")
+        check(not (self.text_path and self.stats_path), "task.stats_path", self.stats_path,
+              "give task.text_path or task.stats_path, not both")
+        if self.stats_path:
+            alphabet, _, _ = meta_stats(self.stats_path)
+            check(len(alphabet) > self.n_triggers, "task.stats_path", self.stats_path,
+                  f"has {len(alphabet)} characters; needs at least task.n_triggers + 1 = {self.n_triggers + 1}")
+        elif self.text_path:
             text = read_text(self.text_path)
             n_distinct = len(set(text))
             check(
@@ -126,7 +174,9 @@ class BigramTask(Task):
     def __init__(self, cfg: BigramConfig):
         cfg.validate()
         self.cfg = cfg
-        if cfg.text_path:
+        if cfg.stats_path:
+            self.alphabet, pi_u, pi_b = meta_stats(cfg.stats_path)
+        elif cfg.text_path:
             self.alphabet, pi_u, pi_b = text_stats(read_text(cfg.text_path))
         else:
             rng = np.random.default_rng(cfg.data_seed)
@@ -160,7 +210,10 @@ class BigramTask(Task):
             triggers = self.frequent_triggers
         else:
             triggers = choice_from(u["triggers"], self.log_pi_u, n)
-        outputs = inverse_cdf_from(u["outputs"], self.cdf_u)
+        if cfg.output_law == "uniform":
+            outputs = jnp.minimum((u["outputs"] * V).astype(jnp.int32), V - 1)
+        else:
+            outputs = inverse_cdf_from(u["outputs"], self.cdf_u)
         trig_index = jnp.full(V, -1, jnp.int32).at[triggers].set(jnp.arange(n, dtype=jnp.int32))
         x0 = inverse_cdf_from(u["x0"], self.cdf_u)
 

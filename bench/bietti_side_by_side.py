@@ -1,0 +1,132 @@
+"""Bietti's birth of an induction head, the lab and the authors' transformer-birth side by side on the same data.
+
+Given a checkout (working tree) of albietz/transformer-birth, with its data/meta.pkl (tiny Shakespeare's character
+counts), and a Python with torch, numpy and omegaconf, this trains the simplified model of their README command
+
+    ihead_basic_main.py loss_head_only=True data_args.k=5 data_args.fixed_special_toks=True optim_args.use_sgd=True
+      optim_args.learning_rate=0.03 optim_args.weight_decay=1e-4 optim_args.batch_size=512 model_args.final_ffn=False
+      model_args.freeze_embeddings=True model_args.freeze_output=True model_args.dim=256
+
+with their code (on the CPU through bench/bietti_cpu_runner.py; with --fast-data their per-token Python sampler is
+replaced by a vectorised one drawing the same distribution) and `lab train experiment=bietti_bigram
+task.stats_path=CHECKOUT/data/meta.pkl` (the same unigram / bigram laws), for --steps steps each, and prints,
+for both: the in-context accuracy on the output tokens from their second occurrence (theirs: `acc_end_test`
+on 512 fixed sequences; the lab's `test/icl_acc` on 512) and the memory-recall probes wo1, wk1, wk0 (theirs:
+`test_wo1`, `test_wk1`, `test_wk0`; the lab's `memory_recall/*`), the first step each reaches 0.5 and 0.9,
+and the order in which the memories form. Writes bietti_side_by_side.png and .md to --out.
+
+Their step i is logged after i + 1 updates; the table counts updates for both.
+
+Run:  .venv/bin/python bench/bietti_side_by_side.py --tb PATH/transformer-birth --python PATH/venv/bin/python
+      .venv/bin/python bench/bietti_side_by_side.py --tb ... --python ... --steps 300 --every 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+README_FLAGS = ["loss_head_only=True", "data_args.k=5", "data_args.fixed_special_toks=True",
+                "optim_args.use_sgd=True", "optim_args.learning_rate=0.03", "optim_args.weight_decay=1e-4",
+                "optim_args.batch_size=512", "model_args.final_ffn=False", "model_args.freeze_embeddings=True",
+                "model_args.freeze_output=True", "model_args.dim=256"]
+# their res.jsonl field -> the lab's metric
+PAIRS = {"acc_end_test": "test/icl_acc", "wo1_acc": "memory_recall/wo1", "wk1_acc": "memory_recall/wk1",
+         "wk0_acc": "memory_recall/wk0"}
+NAMES = {"acc_end_test": "in-context accuracy", "wo1_acc": "wo1", "wk1_acc": "wk1", "wk0_acc": "wk0"}
+
+
+def run_authors(tb: Path, python: str, steps: int, every: int, seed: int, out: Path, fast: bool) -> dict[int, dict]:
+    runner = Path(__file__).resolve().parent / "bietti_cpu_runner.py"
+    cmd = [python, str(runner), *(["--fast-data"] if fast else []), "ihead_basic_main.py", f"max_iters={steps}",
+           f"eval_delta={every}", "log_probes=True", *README_FLAGS, "num_data_workers=1", f"seed={seed}",
+           "save_dir=authors", f"root_dir={out}"]
+    p = subprocess.run(cmd, cwd=tb, capture_output=True, text=True)
+    res = out / "authors" / "res.jsonl"
+    if not res.is_file():
+        raise SystemExit(f"transformer-birth failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()]
+    return {r["iter"] + 1: {k: r[k] for k in PAIRS} for r in rows if "iter" in r}
+
+
+def run_lab(tb: Path, steps: int, every: int, seed: int, out: Path) -> dict[int, dict]:
+    from lab.compare import load, series
+    from lab.conditions import run_conditions
+
+    base = ["experiment=bietti_bigram", f"task.stats_path={tb / 'data' / 'meta.pkl'}", f"trainer.steps={steps}",
+            f"trainer.eval_every={every}", "trainer.eval_log_points=0", "checkpoint.every=0",
+            "checkpoint.log_points=0", "tracking.wandb.mode=disabled", "trainer.progress=false"]
+    dirs = run_conditions(base, {"lab": []}, [seed], out, quiet=True)
+    d = load(dirs["lab"][0])
+    cols = {k: dict(zip(*series(d, m, "step"), strict=True)) for k, m in PAIRS.items()}
+    return {int(s): {k: cols[k].get(s) for k in PAIRS} for s in cols["acc_end_test"]}
+
+
+def first_at(curve: dict[int, dict], k: str, level: float):
+    hit = [s for s in sorted(curve) if curve[s][k] is not None and curve[s][k] >= level]
+    return hit[0] if hit else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tb", required=True, type=Path, help="a working tree of albietz/transformer-birth")
+    ap.add_argument("--python", required=True, help="a Python with torch, numpy, omegaconf")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--their-sampler", action="store_true", help="keep their per-token sampler (slow)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bietti_side_by_side"))
+    args = ap.parse_args()
+    if not (args.tb / "ihead_basic_main.py").is_file() or not (args.tb / "data" / "meta.pkl").is_file():
+        ap.error(f"--tb={args.tb}: not a transformer-birth working tree (ihead_basic_main.py, data/meta.pkl)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    theirs = run_authors(args.tb.absolute(), args.python, args.steps, args.every, args.seed, args.out.absolute(),
+                         fast=not args.their_sampler)
+    t_theirs = time.time() - t0
+    ours = run_lab(args.tb.absolute(), args.steps, args.every, args.seed, args.out)
+    t_ours = time.time() - t0 - t_theirs
+    print(f"authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s ({args.steps} steps each)", file=sys.stderr)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for ax, (who, curve) in zip(axs, (("lab", ours), ("authors' code", theirs)), strict=True):
+        for k, color in zip(PAIRS, ("k", "C0", "C1", "C2"), strict=True):
+            s = [i for i in sorted(curve) if curve[i][k] is not None]
+            ax.plot(s, [curve[i][k] for i in s], color=color, lw=2 if k == "acc_end_test" else 1.5, label=NAMES[k])
+        ax.set(xlabel="step (batch 512)", title=f"{who}: accuracy and memory recall", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=8)
+    axs[0].set_ylabel("accuracy / recall")
+    fig.tight_layout()
+    fig.savefig(args.out / "bietti_side_by_side.png", dpi=110)
+    plt.close(fig)
+
+    fmt = lambda v: "never" if v is None else f"{v:,}"  # noqa: E731
+    last = lambda c, k: c[max(c)][k]  # noqa: E731
+    lines = [f"{args.steps:,} steps of batch 512 x 256, the README setting, tiny Shakespeare's laws; seed {args.seed} "
+             f"each; authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s on this machine", "",
+             "| measure | lab: first step >= 0.5 | authors | lab: >= 0.9 | authors | lab: final | authors: final |",
+             "|---|---|---|---|---|---|---|"]
+    for k in PAIRS:
+        lines.append(f"| {NAMES[k]} | {fmt(first_at(ours, k, 0.5))} | {fmt(first_at(theirs, k, 0.5))} | "
+                     f"{fmt(first_at(ours, k, 0.9))} | {fmt(first_at(theirs, k, 0.9))} | {last(ours, k):.3f} | "
+                     f"{last(theirs, k):.3f} |")
+    for who, curve in (("lab", ours), ("authors", theirs)):
+        order = sorted(["wo1_acc", "wk1_acc", "wk0_acc"],
+                       key=lambda k: (first_at(curve, k, 0.5) is None, first_at(curve, k, 0.5) or 0))
+        lines.append(f"\nOrder in which the memories reach 0.5 ({who}): " + " < ".join(NAMES[k] for k in order))
+    text = "\n".join(lines) + "\n"
+    (args.out / "bietti_side_by_side.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
