@@ -10,7 +10,7 @@ traced into the step, so a window opening or closing never recompiles. With ``gr
 (the default) nothing flows into what the clamp replaced; with ``through``, gradient flows into
 sources computed from the model (``mean``, ``frozen``... and the un-replaced share when s < 1).
 
-Value sources (SCIENCE.md section 3):
+Value sources (docs/science.md §3):
 - ``zero``, ``constant`` (``constant`` field), ``mean`` (over the batch);
 - ``previous_embed`` (residual-width sites such as ``blocks.0.hook_attn_out``, and the split inputs
   ``blocks.L.hook_q_input|hook_k_input|hook_v_input``): the embedding of the previous position (zero

@@ -1,4 +1,4 @@
-"""Singh et al.'s toy model of the plateau: fit a rank-1 tensor a ⊗ b ⊗ c by gradient descent.
+"""Singh et al.'s toy model of the plateau (docs/science.md §3): fit a rank-1 tensor a ⊗ b ⊗ c by gradient descent.
 
 The target is T = a* ⊗ b* ⊗ c* with unit vectors in ``dim`` dimensions; the model starts from
 small random a, b, c. The gradient for each factor is scaled by the overlap of the other two

@@ -1,4 +1,4 @@
-"""Progress measures: a registry of functions of (params, cache, batch), logged by name.
+"""Progress measures (docs/science.md §2): a registry of functions of (params, cache, batch), logged by name.
 
 Attention measures run inside one jitted program on a fixed probe batch and log one value per
 head as ``<measure>/L{l}H{h}``; weight measures (copying, composition, parameter norms) run on

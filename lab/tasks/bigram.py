@@ -1,4 +1,4 @@
-"""Bigram sequences with triggers (Bietti et al. 2023; SCIENCE.md 1.3).
+"""Bigram sequences with triggers (Bietti et al. 2023; docs/science.md §1.3).
 
 A global unigram law pi_u and bigram law pi_b over the vocabulary: synthetic (rows of pi_b drawn
 from Dirichlet(dirichlet), pi_u its stationary law) or estimated from a user's text file

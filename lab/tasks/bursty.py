@@ -1,4 +1,4 @@
-"""Bursty in-context classification (Reddy 2023; SCIENCE.md 1.1).
+"""Bursty in-context classification (Reddy 2023; docs/science.md §1.1).
 
 A sequence is ``x_1 l_1 x_2 l_2 ... x_N l_N x_q`` (T = 2N+1): items at the even positions
 0, 2, ..., 2N-2, their labels at the odd positions, the query item at position 2N. The target

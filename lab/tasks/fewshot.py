@@ -1,4 +1,4 @@
-"""Few-shot relabelling (Chan et al. 2022; Singh et al. 2024; SCIENCE.md 1.2).
+"""Few-shot relabelling (Chan et al. 2022; Singh et al. 2024; docs/science.md §1.2).
 
 Each context holds the query class and ``n_distractors`` distractor classes, each ``shots`` times,
 shuffled, as (item, label) pairs, then the query item: T = 2 * shots * (1 + n_distractors) + 1.

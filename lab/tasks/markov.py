@@ -1,4 +1,4 @@
-"""In-context Markov chains (Edelman et al. 2024; SCIENCE.md 1.4).
+"""In-context Markov chains (Edelman et al. 2024; docs/science.md §1.4).
 
 Each sequence gets its own transition matrix P over k states:
 - ``standard``: each row ~ Dirichlet(1);

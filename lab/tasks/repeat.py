@@ -1,5 +1,7 @@
 """Repeated random tokens (Olsson et al. 2022), in layouts that only an induction circuit can solve.
 
+docs/science.md §1.5.
+
 Why the layout is random. The first version of this task put BOS, then a segment repeated from
 position 1 to the end: the second copy always sat ``seg_len`` positions after the first, and a
 one-layer head that attends ``seg_len - 1`` positions back, by position alone, solved it (the demo's
