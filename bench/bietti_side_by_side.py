@@ -54,7 +54,7 @@ def run_authors(tb: Path, python: str, steps: int, every: int, seed: int, out: P
 
 
 def run_lab(tb: Path, steps: int, every: int, seed: int, out: Path) -> dict[int, dict]:
-    from lab.compare import load, series
+    from lab.comparison import load, series
     from lab.conditions import run_conditions
 
     base = ["experiment=bietti_bigram", f"task.stats_path={tb / 'data' / 'meta.pkl'}", f"trainer.steps={steps}",

@@ -35,7 +35,7 @@ from lab.batch import BatchTrainer
 from lab.checkpoint import Checkpointer
 from lab.clamp import ClampConfig
 from lab.config import load_config
-from lab.train import Trainer
+from lab.trainer import Trainer
 
 # the clamp and logging sections measure the demo task on the model they always have (2 layers x 2 heads, learned
 # positions), so their ratios stay comparable across sessions; the demo itself now has 1 head and Shortformer positions

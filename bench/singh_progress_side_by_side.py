@@ -53,7 +53,7 @@ def run_authors(icl: Path, python: str, features: Path, steps: int, every: int, 
 
 
 def run_lab(features: Path, steps: int, every: int, out: Path) -> dict[int, dict]:
-    from lab.compare import load, series
+    from lab.comparison import load, series
     from lab.conditions import SINGH_FIG5B, probe_overrides, run_conditions
 
     base = ["experiment=singh_fewshot", f"trainer.steps={steps}", f"trainer.eval_every={every}",

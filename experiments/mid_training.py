@@ -15,7 +15,7 @@ Run:  .venv/bin/python experiments/mid_training.py
 import argparse
 from pathlib import Path
 
-from lab.compare import compare
+from lab.comparison import compare
 from lab.conditions import run_conditions
 
 CONDITIONS = {

@@ -26,7 +26,7 @@ import argparse
 import math
 from pathlib import Path
 
-from lab.compare import compare
+from lab.comparison import compare
 from lab.conditions import SINGH_FIG5B, run_conditions
 
 CONDITIONS = SINGH_FIG5B  # the presets of each condition (lab/conditions.py)

@@ -31,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lab.compare import load, series  # noqa: E402
+from lab.comparison import load, series  # noqa: E402
 from lab.conditions import SINGH_FIG5B, run_conditions  # noqa: E402
 from lab.measures.phase import first_crossing  # noqa: E402
 

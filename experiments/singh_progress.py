@@ -37,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lab.compare import load, series  # noqa: E402
+from lab.comparison import load, series  # noqa: E402
 from lab.conditions import SINGH_FIG5B, probe_overrides, run_conditions  # noqa: E402
 from lab.measures.phase import first_crossing  # noqa: E402
 

@@ -1,5 +1,9 @@
 """induction-lab: watch induction heads form.
 
+The Python API (lab/api.py): ``lab.train(*overrides)``, ``lab.load(run_dir)`` (a ``lab.Run``: config,
+metrics, steps, params, cache, phase, fork, replay) and ``lab.compare(paths, ...)``. They load on first use,
+so ``import lab`` (and the ``lab`` command) stays light.
+
 Importing the lab turns on JAX's persistent compilation cache (``$LAB_COMPILATION_CACHE``, default
 ``~/.cache/induction-lab/jax``; ``LAB_COMPILATION_CACHE=0`` turns it off), so a program compiled once
 -- the demo's step, a sweep's shared shapes -- loads in milliseconds the next time, in any process.
@@ -24,3 +28,15 @@ def _compilation_cache() -> None:
 
 
 _compilation_cache()
+
+
+_API = ("Run", "compare", "load", "train")
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from lab import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lab' has no attribute {name!r}")

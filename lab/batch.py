@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 
 from lab.errors import LabError
 from lab.model import build_model
-from lab.train import Trainer
+from lab.trainer import Trainer
 
 GiB = 1024 ** 3
 

@@ -143,7 +143,7 @@ def _replay(args) -> int:
 
 
 def _compare(args) -> int:
-    from lab.compare import compare
+    from lab.comparison import compare
 
     out = compare(args.runs, metrics=args.metric, baseline=args.baseline, out=args.out, threshold=args.threshold)
     print((out / "table.md").read_text(), end="")
@@ -152,7 +152,7 @@ def _compare(args) -> int:
 
 
 def _show(args) -> int:
-    from lab.compare import show
+    from lab.comparison import show
 
     print(show(args.run_dir))
     return 0

@@ -1,7 +1,7 @@
 """Run one experiment under several conditions (clamps, windows, seeds).
 
 Each condition is a list of config overrides on top of a base; each (condition, seed) is an
-ordinary run with its own run directory under ``root``, so ``lab compare ROOT`` (lab.compare)
+ordinary run with its own run directory under ``root``, so ``lab compare ROOT`` (lab.comparison)
 puts them side by side from the directories alone.
 """
 

@@ -9,7 +9,7 @@ raises ``LabError`` with one line naming the field, the value and what is allowe
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from lab.measures.cadence import CadenceConfig
 from lab.model import ModelConfig
 from lab.optim import OptimConfig
 from lab.tasks import TASKS
-from lab.tracking import TrackingConfig
-from lab.train import TrainerConfig
+from lab.tracking import TrackingConfig, WandbConfig
+from lab.trainer import TrainerConfig
 
 
 @dataclass
@@ -130,20 +130,12 @@ def _unknown_key_message(msg: str) -> str | None:
     if not m:
         return None
     full, key, cls_name = m.groups()
-    import dataclasses
-
-    from lab import checkpoint, model, optim, tracking, train
-    from lab.clamp import ClampConfig
-    from lab.measures import MeasuresConfig
-    from lab.measures.cadence import CadenceConfig
-    from lab.tasks import TASKS
-
-    schemas = (Config, RunConfig, ClampConfig, MeasuresConfig, CadenceConfig, model.ModelConfig, optim.OptimConfig,
-               train.TrainerConfig, checkpoint.CheckpointConfig, tracking.TrackingConfig, tracking.WandbConfig)
+    schemas = (Config, RunConfig, ClampConfig, MeasuresConfig, CadenceConfig, ModelConfig, OptimConfig,
+               TrainerConfig, CheckpointConfig, TrackingConfig, WandbConfig)
     classes = {c.__name__: c for c in schemas}
     classes.update({c.__name__: c for c, _ in TASKS.values()})
     cls = classes.get(cls_name)
-    allowed = f"; fields: {', '.join(f.name for f in dataclasses.fields(cls))}" if cls else ""
+    allowed = f"; fields: {', '.join(f.name for f in fields(cls))}" if cls else ""
     return f"{full}: unknown field{allowed}"
 
 

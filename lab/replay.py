@@ -14,7 +14,7 @@ from lab.checkpoint import Checkpointer, CheckpointReadError
 from lab.config import compose, from_yaml, to_config
 from lab.errors import LabError
 from lab.tracking import read_metrics
-from lab.train import Trainer
+from lab.trainer import Trainer
 
 
 def check_run_dir(run_dir: str | Path) -> Path:

@@ -22,7 +22,7 @@ from lab.checkpoint import Checkpointer
 from lab.config import Config
 from lab.errors import LabError
 from lab.measures.phase import detect_transitions, first_crossing
-from lab.train import Trainer
+from lab.trainer import Trainer
 
 
 def default_run_dir(cfg: Config) -> Path:

@@ -10,7 +10,7 @@ from lab.clamp import ClampConfig, ideal_pattern
 from lab.cli import main
 from lab.config import load_config
 from lab.hooks import Hooks
-from lab.train import Trainer, masked_nll
+from lab.trainer import Trainer, masked_nll
 from tests.conftest import TINY
 
 ONE_HEAD = TINY + ["model.n_heads=1", "model.d_model=16"]

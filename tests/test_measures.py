@@ -109,7 +109,7 @@ def test_adaptive_cadence_logs_densely_inside_transition():
 
 def test_measures_logged_per_head_in_a_run():
     from lab.config import load_config
-    from lab.train import Trainer
+    from lab.trainer import Trainer
     from tests.conftest import TINY
 
     cfg, _ = load_config(TINY + ["trainer.steps=20", "measures.names=[auto,llc]", "measures.llc_steps=8",
@@ -131,7 +131,7 @@ def test_a_probe_clamp_adds_to_the_runs_own_clamps():
     """Singh's progress measures (their Fig. 10) keep the run's ablations and add the probe clamp: the
     probe view of a run trained with layer 1 ablated is that run's model, not the unablated one."""
     from lab.config import load_config
-    from lab.train import Trainer
+    from lab.trainer import Trainer
     from tests.conftest import TINY
 
     cfg, _ = load_config(TINY + ["trainer.log_unclamped=true",

@@ -19,14 +19,14 @@ from lab.checkpoint import Checkpointer
 from lab.config import load_config
 from lab.run import train_run
 from lab.tracking import read_metrics
-from lab.train import NonFiniteError
+from lab.trainer import NonFiniteError
 from tests.conftest import ROOT, TINY, lab_cmd
 
 
 def _final_params(run_dir: Path):
     from lab.config import from_yaml
     from lab.replay import restore_state
-    from lab.train import Trainer
+    from lab.trainer import Trainer
 
     step = Checkpointer(run_dir / "checkpoints", read_only=True).steps()[-1]
     cfg, _ = from_yaml(run_dir / "config.yaml")

@@ -10,7 +10,7 @@ import yaml
 
 from lab.checkpoint import Checkpointer
 from lab.cli import main
-from lab.compare import aligned, compare, group_runs, show
+from lab.comparison import aligned, compare, group_runs, show
 from lab.config import load_config
 from lab.replay import fork_run, replay_run, resume_run
 from lab.run import train_run
@@ -34,7 +34,7 @@ def parent(tmp_path_factory):
     overrides = RUN + [f"run.dir={d}"]
     cfg, node = load_config(overrides)
     train_run(cfg, node, quiet=True, overrides=overrides)
-    from lab.train import Trainer
+    from lab.trainer import Trainer
 
     return d, Trainer(cfg).init_state()
 

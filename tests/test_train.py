@@ -7,7 +7,7 @@ import pytest
 from lab.checkpoint import Checkpointer
 from lab.config import load_config
 from lab.optim import OptimConfig, make_optimizer
-from lab.train import Trainer, schedule
+from lab.trainer import Trainer, schedule
 
 
 def run(overrides, save=None):
@@ -105,7 +105,7 @@ def test_paper_experiments_compose_and_build(exp):
 def test_classification_loss_read_out_at_the_query_equals_the_full_forward():
     """The training loss of a classification task computes the MLP head only at the query; it must
     equal the loss of the full forward pass, gradients included."""
-    from lab.train import masked_nll
+    from lab.trainer import masked_nll
 
     cfg, _ = load_config(["experiment=reddy_bursty", "tracking.wandb.mode=disabled", "task.K=64", "task.N=4",
                           "model.mlp_head=16", "measures.names=[none]", "task.eval_size=20"])
