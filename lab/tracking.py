@@ -113,8 +113,8 @@ class Tracker:
                 for k, v in values.items():
                     if isinstance(v, (int, float, str)):
                         self.run.summary[k] = v
-            except Exception:
-                pass
+            except Exception as e:  # wandb must never stop a run; every value is in summary.json too
+                print(f"warning: wandb summary failed ({e}); continuing", file=sys.stderr)
 
     def close(self) -> None:
         if self._file.closed:

@@ -128,7 +128,7 @@ class Trainer:
         self.finite_fn = jax.jit(self._finite)  # per run: are all parameters finite
         if cfg.watch:  # a typo would otherwise surface only after training, as "no transition detected"
             names = self.metric_names()
-            if names is not None and cfg.watch not in names:
+            if cfg.watch not in names:
                 heads = sorted({n.split("/")[0] + "/L{l}H{h}" for n in names if "/L" in n and n[-1].isdigit()})
                 shown = [n for n in names if not ("/L" in n and n[-1].isdigit())] + heads
                 check(False, "watch", cfg.watch, f"a metric this run logs: {', '.join(shown)}")
@@ -196,18 +196,17 @@ class Trainer:
         new.update(params=params, opt_state=opt_state, step=step + 1)
         return new, out
 
-    def metric_names(self) -> list[str] | None:
-        """The names of the metrics in this run's rows (the evaluators' from shapes alone; the measures by
-        computing them once at the initial parameters); None where a clamp's view cannot be traced here."""
+    def metric_names(self) -> list[str]:
+        """The names of the metrics in this run's rows (the evaluators' from shapes alone, a frozen clamp's
+        view with a snapshot of the initial parameters; the measures by computing them once there)."""
         params = self.model.params()
+        frozen = self.clamps.init_frozen(params) if self.clamps.frozen_names else None
         names = {"train/batch_loss", "train/grad_norm", "train/update_ratio", "train/loss"}
-        try:
-            for name, batch in self.task.evals.items():
-                for suffix, clamps in self._views():
-                    keys = jax.eval_shape(lambda p, b, c=clamps: self._evaluate(p, b, clamps=c), params, batch)
-                    names |= {f"{name}{suffix}/{k}" for k in keys if suffix in ("", "@unclamped") or k == "loss"}
-        except Exception:  # e.g. a frozen clamp's view needs its snapshot: do not refuse what may be right
-            return None
+        for name, batch in self.task.evals.items():
+            for suffix, clamps in self._views():
+                keys = jax.eval_shape(lambda p, b, f, c=clamps: self._evaluate(p, b, frozen=f, clamps=c),
+                                      params, batch, frozen)
+                names |= {f"{name}{suffix}/{k}" for k in keys if suffix in ("", "@unclamped") or k == "loss"}
         names |= set(self.measures(params))
         return sorted(names)
 

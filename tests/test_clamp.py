@@ -280,3 +280,15 @@ def test_probe_overrides_switch_on_exactly_the_presets_clamp():
         assert cfg.measures.clamps[name] == next(iter(want.clamps.values()))
     with pytest.raises(LabError, match="layer0"):
         probe_overrides({"l0": "layer0"}, base)  # two clamps: not one probe
+
+
+def test_a_watch_typo_is_caught_even_with_a_frozen_clamp():
+    """metric_names traces a frozen clamp's view with a snapshot; it used to give up (and skip the check)."""
+    from lab.errors import ConfigError
+
+    frozen = ["+clamps.f={site:blocks.0.hook_attn_out,value:frozen,windows:[[10,30]]}", "trainer.log_unclamped=true"]
+    cfg, _ = load_config(TINY + frozen + ["watch=test@unclamped/loss"])
+    assert "test@unclamped/loss" in Trainer(cfg).metric_names()
+    cfg, _ = load_config(TINY + frozen + ["watch=test/los"])
+    with pytest.raises(ConfigError, match="watch"):
+        Trainer(cfg)

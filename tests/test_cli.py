@@ -89,3 +89,29 @@ def test_config_command_prints_resolved_config(capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["seed"] == 7 and cfg["task"]["name"] == "bursty" and cfg["task"]["K"] % cfg["task"]["L"] == 0
     assert cfg["model"]["use_wo"] is False and cfg["optim"]["name"] == "sgd"
+
+
+@pytest.mark.parametrize("override, raw, lab_line", [
+    ("trainer.nope=1", "Could not override 'trainer.nope'", "trainer.nope: unknown field; fields: steps,"),
+    ("trainer.steps=abc", "Error merging override trainer.steps=abc", "trainer.steps=abc: must be an integer"),
+    ("trainer.progress=maybe", "Error merging override trainer.progress=maybe",
+     "trainer.progress=maybe: must be true or false"),
+])
+def test_hydra_wording_is_what_hydra_message_reads(override, raw, lab_line):
+    """Hydra's own wording (read once, in lab.config.hydra_message): this fails when a Hydra or OmegaConf
+    release rewords the errors the lab translates, rather than the lab silently printing the raw text."""
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lab.config import _one_line, config_dir, hydra_message
+
+    GlobalHydra.instance().clear()
+    try:
+        with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="lab"):
+            with pytest.raises(Exception) as info:
+                hydra.compose(config_name="config", overrides=[override])
+    finally:
+        GlobalHydra.instance().clear()
+    one = _one_line(info.value)
+    assert raw in one
+    assert hydra_message(one).startswith(lab_line)

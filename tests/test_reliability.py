@@ -142,12 +142,17 @@ def test_a_second_writer_is_refused(tiny, tmp_path):
 
 
 def test_no_pickle_in_what_the_lab_reads_back():
-    """Configs are YAML/JSON, checkpoints orbax (tensorstore + JSON), metrics JSON: nothing in the library
-    unpickles, and numpy files are read with allow_pickle=False; nothing instantiates a config's _target_."""
-    src = "\n".join(p.read_text() for p in (ROOT / "lab").rglob("*.py"))
-    for bad in ("import pickle", "cloudpickle", "allow_pickle=True", "torch.load", "yaml.load(", "yaml.unsafe_load",
-                "instantiate(", "eval(", "exec("):
+    """Configs are YAML/JSON, checkpoints orbax (tensorstore + JSON), metrics JSON: numpy files are read with
+    allow_pickle=False; nothing instantiates a config's _target_. The one pickle read, Bietti's meta.pkl
+    (lab/tasks/bigram.py), goes through an unpickler that refuses every class (tests/test_bietti.py)."""
+    files = {p: p.read_text() for p in (ROOT / "lab").rglob("*.py")}
+    src = "\n".join(files.values())
+    for bad in ("cloudpickle", "allow_pickle=True", "torch.load", "yaml.load(", "yaml.unsafe_load",
+                "instantiate(", "eval(", "exec(", "pickle.load(", "pickle.loads("):
         assert bad not in src, bad
+    assert [p.name for p, text in files.items() if "import pickle" in text] == ["bigram.py"]
+    bigram = files[ROOT / "lab" / "tasks" / "bigram.py"]
+    assert "def find_class(self, module, name):\n        raise pickle.UnpicklingError" in bigram
     assert "allow_pickle=False" in src
 
 
