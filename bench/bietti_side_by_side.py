@@ -120,9 +120,12 @@ def main():
                      f"{fmt(first_at(ours, k, 0.9))} | {fmt(first_at(theirs, k, 0.9))} | {last(ours, k):.3f} | "
                      f"{last(theirs, k):.3f} |")
     for who, curve in (("lab", ours), ("authors", theirs)):
-        order = sorted(["wo1_acc", "wk1_acc", "wk0_acc"],
-                       key=lambda k: (first_at(curve, k, 0.5) is None, first_at(curve, k, 0.5) or 0))
-        lines.append(f"\nOrder in which the memories reach 0.5 ({who}): " + " < ".join(NAMES[k] for k in order))
+        reached = sorted((first_at(curve, k, 0.5), NAMES[k]) for k in ("wo1_acc", "wk1_acc", "wk0_acc")
+                         if first_at(curve, k, 0.5) is not None)
+        never = [NAMES[k] for k in ("wo1_acc", "wk1_acc", "wk0_acc") if first_at(curve, k, 0.5) is None]
+        order = " < ".join(f"{name} ({step:,})" for step, name in reached) or "none"
+        lines.append(f"\nMemories reaching 0.5 ({who}), in order: {order}" + (f"; not: {', '.join(never)}" if never
+                                                                               else ""))
     text = "\n".join(lines) + "\n"
     (args.out / "bietti_side_by_side.md").write_text(text)
     print(text)
