@@ -96,3 +96,35 @@ def test_sgd_l2_decay_is_torchs_coupled_weight_decay():
         b = mu * b + (np.array(g) + wd * wt)
         wt = wt - lr * b
         np.testing.assert_allclose(np.asarray(w["w"]), wt, rtol=1e-6)
+
+
+def test_the_circuit_summary_looks_where_bietti_needs_the_circuit():
+    """Previous-token attention right after a trigger, induction attention at repeated triggers; the scores
+    count only those positions."""
+    from lab.measures.attention import prefix_matching_score, previous_token_score
+
+    task = BigramTask(BigramConfig(vocab_size=12, n_triggers=2, seq_len=24))
+    batch, info = task.sample_with_info(jax.random.PRNGKey(1), 16)
+    after, ind = (np.asarray(a) for a in task.circuit_positions(batch))
+    tok, trig = np.asarray(batch["tokens"]), np.asarray(info["triggers"])
+    for b in range(16):
+        for t in range(1, 24):
+            assert after[b, t] == float(tok[b, t - 1] in trig[b])
+    np.testing.assert_array_equal(ind, np.asarray(batch["masks"]["icl"]))
+    # a head attending to i-1 only where `after` holds scores 1 there, less over every position
+    t = 24
+    pat = np.tile(np.eye(t)[None, None], (16, 1, 1, 1)) * 0.0
+    pat[:, 0] = np.eye(t)  # self-attention everywhere ...
+    for b, i in zip(*np.nonzero(after), strict=True):
+        pat[b, 0, i] = np.eye(t)[i - 1]  # ... except right after a trigger
+    assert float(previous_token_score(jnp.asarray(pat), where=after)[0]) == pytest.approx(1.0)
+    assert float(previous_token_score(jnp.asarray(pat))[0]) < 0.5
+    # an ideal induction head at the repeated triggers: all its attention on the earlier output(s)
+    ideal = np.zeros((16, 1, t, t))
+    from lab.measures.attention import induction_targets
+
+    targets = np.asarray(induction_targets(batch["tokens"]))
+    for b, i in zip(*np.nonzero(ind), strict=True):
+        ideal[b, 0, i] = targets[b, i] / targets[b, i].sum()
+    assert float(prefix_matching_score(jnp.asarray(ideal), batch, where=ind)[0]) == pytest.approx(1.0, rel=1e-5)
+    assert float(prefix_matching_score(jnp.asarray(ideal), batch)[0]) < 0.9  # other repeats are not its job

@@ -14,12 +14,13 @@ def _mean(x, w):
     return jnp.sum(x * w, axis=(0, -1)) / jnp.maximum(jnp.sum(w, axis=(0, -1)), 1e-9)
 
 
-def previous_token_score(pattern, batch=None, task=None):
-    """Mean attention from position i to i - 1 (i >= 1)."""
-    t = pattern.shape[-1]
+def previous_token_score(pattern, batch=None, task=None, where=None):
+    """Mean attention from position i to i - 1 (i >= 1); ``where`` [b, t]: only at these query positions."""
     diag = jnp.diagonal(pattern, offset=-1, axis1=-2, axis2=-1)  # [b, h, t-1]: (i, i-1)
-    del t
-    return jnp.mean(diag, axis=(0, 2))
+    if where is None:
+        return jnp.mean(diag, axis=(0, 2))
+    w = jnp.asarray(where, jnp.float32)[:, None, 1:]  # [b, 1, t-1]
+    return jnp.sum(diag * w, axis=(0, 2)) / jnp.maximum(jnp.sum(w, axis=(0, 2)), 1e-9)
 
 
 def induction_targets(tokens) -> jnp.ndarray:
@@ -30,12 +31,15 @@ def induction_targets(tokens) -> jnp.ndarray:
     return ((prev[:, None, :] == tokens[:, :, None]) & (ki >= 1) & (ki <= qi)).astype(jnp.float32)
 
 
-def prefix_matching_score(pattern, batch, task=None):
+def prefix_matching_score(pattern, batch, task=None, where=None):
     """Olsson: mean attention from each token to the token after its earlier occurrences (summed
-    over those occurrences), over the positions that have an earlier occurrence."""
+    over those occurrences), over the positions that have an earlier occurrence (and are in ``where``
+    [b, t], where given)."""
     tgt = induction_targets(batch["tokens"])
     mass = jnp.sum(pattern * tgt[:, None], axis=-1)  # [b, h, q]
     has = (jnp.sum(tgt, -1) > 0).astype(jnp.float32)[:, None, :]  # [b, 1, q]
+    if where is not None:
+        has = has * jnp.asarray(where, jnp.float32)[:, None, :]
     return jnp.sum(mass * has, axis=(0, 2)) / jnp.maximum(jnp.sum(has, axis=(0, 2)), 1e-9)
 
 

@@ -16,7 +16,10 @@ evidence:
   head then writes only its share of the output bias) minus the loss intact; also each head alone
   and the previous-token heads together;
 
-and, where the task has held-out layouts, generalisation: the held-out repeated loss next to the
+Where a task needs the circuit only at some positions (``task.circuit_positions``: Bietti's triggers),
+both attention scores are measured there, on the task's own sequences.
+
+And, where the task has held-out layouts, generalisation: the held-out repeated loss next to the
 trained one. The verdict is "induction circuit" only when every check passes (thresholds below, and
 the task's ``mechanism_min_effect``); otherwise the summary names the checks that failed.
 
@@ -79,8 +82,14 @@ class CircuitSummary:
         batch = task.evals[self.evaluator]
         self.batch = jax.tree_util.tree_map(lambda a: a[:ABLATION_SEQUENCES], batch)
         self.probe = jax.tree_util.tree_map(lambda a: a[:128], next(iter(task.evals.values())))
-        self.token_probe = repeated_probe(jax.random.PRNGKey(7), 128, task.seq_len, task.n_outputs,
-                                          getattr(task, "bos", None))
+        where = task.circuit_positions(self.probe)
+        if where is None:  # random tokens with a copied segment: every repeat is an induction target
+            self.token_probe = repeated_probe(jax.random.PRNGKey(7), 128, task.seq_len, task.n_outputs,
+                                              getattr(task, "bos", None))
+            self.prev_where = self.ind_where = None
+        else:  # the task's own sequences, at the positions where the circuit is needed
+            self.token_probe = self.probe
+            self.prev_where, self.ind_where = where
         self.chance_k = random_k_composition(model.cfg.d_model, model.cfg.head_dim)
         self._scores = jax.jit(self._attention_scores)
         self._ablated = jax.jit(self._ablated_metric)
@@ -89,8 +98,8 @@ class CircuitSummary:
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.n_layers)]
         _, cache = self.model.run_with_cache(params, self.probe, sites)
         _, tcache = self.model.run_with_cache(params, self.token_probe, sites)
-        prev = jnp.stack([att.previous_token_score(cache[s]) for s in sites])  # [layer, head]
-        pm = jnp.stack([att.prefix_matching_score(tcache[s], self.token_probe) for s in sites])
+        prev = jnp.stack([att.previous_token_score(cache[s], where=self.prev_where) for s in sites])  # [layer, head]
+        pm = jnp.stack([att.prefix_matching_score(tcache[s], self.token_probe, where=self.ind_where) for s in sites])
         return prev, pm
 
     def _ablated_metric(self, params, keep):

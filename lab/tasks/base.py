@@ -69,6 +69,12 @@ class Task:
     mechanism_metric: str | None = None
     mechanism_min_effect: float = 1.0
     heldout_gap: tuple[str, str] | None = None
+
+    def circuit_positions(self, batch: Batch):
+        """Where the circuit summary looks, on this task's own sequences: (previous-token query positions,
+        induction query positions), each [b, t]; None (the default) measures on random tokens with a copied
+        segment instead (lab.measures.repeated_probe), where every repeat is an induction target."""
+        return None
     # Whether `loss_mask` selects a handful of query positions (classification) or many tokens.
     classification: bool = False
 

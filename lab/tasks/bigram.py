@@ -171,6 +171,15 @@ class BigramTask(Task):
     mechanism_metric = "test/icl_loss"
     mechanism_min_effect = 0.5
 
+    def circuit_positions(self, batch):
+        """Bietti's induction head is needed only at the triggers: its previous-token head at the position
+        right after a trigger (the output token attends to its trigger: the authors' score probe), its
+        induction head at the repeated triggers (the icl positions: the token after the trigger's earlier
+        occurrence). Elsewhere the bigram law predicts, and nothing need attend anywhere in particular."""
+        trig = 1.0 - batch["masks"]["global"]  # [b, t]: x_t is a trigger
+        after = jnp.concatenate([jnp.zeros_like(trig[:, :1]), trig[:, :-1]], axis=1)
+        return after, batch["masks"]["icl"]
+
     def __init__(self, cfg: BigramConfig):
         cfg.validate()
         self.cfg = cfg
