@@ -6,8 +6,10 @@ in-context accuracy (output tokens from their second occurrence, `test/icl_acc`)
 probes as the authors' code computes them (`memory_recall/wo1`: layer 1's output copies the attended token;
 `wk1`: layer 1's key matches "previous token = the query's token"; `wk0`: layer 0's positional key finds the
 previous position, over all 256 positions and over the first 64), and the attention scores of the
-mechanism (L0H0's previous-token score, L1H0's prefix matching). Prints the step at which each first reaches
-0.5 and 0.9, the order, and the run's circuit summary. Writes bietti_birth.png to ROOT.
+mechanism (L0H0's previous-token score over all positions, L1H0's prefix matching on random tokens: the
+general probes; the circuit summary measures where the task needs the circuit, after and at triggers).
+Prints the step at which each first reaches 0.5 and 0.9, the order, and the run's circuit summary. Writes
+bietti_birth.png to ROOT.
 
 Run:  .venv/bin/python experiments/bietti_birth.py                 # ~80 min on 2 CPU cores (1,000 steps)
       .venv/bin/python experiments/bietti_birth.py task.stats_path=CHECKOUT/data/meta.pkl   # Shakespeare's laws
@@ -29,8 +31,8 @@ CURVES = {  # metric -> (label, colour, line style)
     "memory_recall/wk1": ("wk1 (layer-1 key: the match)", "C1", "-"),
     "memory_recall/wk0": ("wk0 (layer-0 key: previous position)", "C2", "-"),
     "memory_recall/wk0_64": ("wk0, first 64 positions", "C2", ":"),
-    "prev_token/L0H0": ("L0H0 previous-token score", "C3", "--"),
-    "prefix_matching/L1H0": ("L1H0 prefix matching", "C4", "--"),
+    "prev_token/L0H0": ("L0H0 previous-token score, all positions", "C3", "--"),
+    "prefix_matching/L1H0": ("L1H0 prefix matching, random tokens", "C4", "--"),
 }
 
 
