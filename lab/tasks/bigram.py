@@ -3,7 +3,8 @@
 A global unigram law pi_u and bigram law pi_b over the vocabulary: synthetic (rows of pi_b drawn
 from Dirichlet(dirichlet), pi_u its stationary law) or estimated from a user's text file
 (characters; pi_u = character frequencies, pi_b = bigram counts with add-one smoothing; the
-vocabulary is the sorted set of distinct characters, ``task.alphabet``).
+vocabulary is the sorted set of distinct characters, ``task.alphabet``), or read from the authors'
+``data/meta.pkl`` (``stats_path``: their tiny-Shakespeare counts, unsmoothed, as their code uses them).
 
 Per sequence each trigger gets an output token, drawn uniformly over the vocabulary (``output_law:
 uniform``, as the authors' code does: ihead_data.py draws ``rng.choice(pool)``) or from pi_u
