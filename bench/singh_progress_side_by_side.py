@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from singh_side_by_side import AUTHORS, SHARED, write_features  # noqa: E402
+from singh_side_by_side import AUTHORS, SHARED, prepare  # noqa: E402
 
 THRESHOLD = 0.4 * math.log(2)
 MEASURES = {"orig": "train/loss", "pt_attn": "train@pt_attn/loss", "match": "train@match/loss"}
@@ -67,8 +67,11 @@ def run_lab(features: Path, steps: int, every: int, out: Path) -> dict[int, dict
 
 
 def first_below(curve: dict[int, dict], k: str):
-    hit = [s for s in sorted(curve) if curve[s][k] < THRESHOLD]
-    return hit[0] if hit else None
+    from lab.measures.phase import first_crossing
+
+    steps = sorted(curve)
+    hit = first_crossing(steps, [curve[s][k] for s in steps], THRESHOLD)
+    return None if hit is None else int(hit)
 
 
 def main():
@@ -80,12 +83,7 @@ def main():
     ap.add_argument("--every", type=int, default=1250, help="checkpoint / evaluation interval in steps")
     ap.add_argument("--out", type=Path, default=Path("runs/singh_progress_side_by_side"))
     args = ap.parse_args()
-    if not (args.icl / "opto.py").is_file():
-        ap.error(f"--icl={args.icl}: not an icl-dynamics checkout (no opto.py)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    features = (args.features or args.out / "features.h5").absolute()
-    if not features.exists():
-        write_features(features)
+    features = prepare(ap, args)
     theirs = run_authors(args.icl.absolute(), args.python, features, args.steps, args.every,
                          Path(tempfile.mkdtemp(dir=args.out.absolute())))
     ours = run_lab(features, args.steps, args.every, args.out / "lab")

@@ -57,6 +57,17 @@ def write_features(path: Path) -> None:
         f.create_dataset("resnet18/224/feat", data=np.asarray(task.features))
 
 
+def prepare(ap: argparse.ArgumentParser, args) -> Path:
+    """Check --icl is a checkout, make --out, and return the feature file (written there unless --features)."""
+    if not (args.icl / "opto.py").is_file():
+        ap.error(f"--icl={args.icl}: not an icl-dynamics checkout (no opto.py)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    features = (args.features or args.out / "features.h5").absolute()
+    if not features.exists():
+        write_features(features)
+    return features
+
+
 def first_below(steps, losses, window: int = 1) -> int | None:
     loss = np.asarray(losses, np.float64)
     if window > 1:
@@ -105,12 +116,7 @@ def main():
     ap.add_argument("--conditions", nargs="+", default=list(AUTHORS), choices=list(AUTHORS))
     ap.add_argument("--out", type=Path, default=Path("runs/singh_side_by_side"))
     args = ap.parse_args()
-    if not (args.icl / "opto.py").is_file():
-        ap.error(f"--icl={args.icl}: not an icl-dynamics checkout (no opto.py)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    features = args.features or args.out / "features.h5"
-    if not features.exists():
-        write_features(features)
+    features = prepare(ap, args)
     rows = []
     for cond in args.conditions:
         theirs = run_authors(args.icl.absolute(), args.python, features.absolute(), cond, args.steps,

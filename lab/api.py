@@ -136,9 +136,8 @@ def train(*overrides: str, quiet: bool = True) -> Run | list[Run]:
     overrides ask for several (``trainer.num_seeds``, ``conditions``, ``optim.lrs``), trained as one program."""
     cfg, node = load_config(list(overrides))
     if is_batch(cfg):
-        root = train_batch(cfg, node, list(overrides), quiet=quiet)
-        index = sorted(root.glob("batch*.json"), key=lambda p: p.stat().st_mtime)[-1]
-        return [Run(root / r["dir"]) for r in json.loads(index.read_text())["runs"]]
+        root = train_batch(cfg, node, list(overrides), quiet=quiet)  # its index: root/batch.json (no name)
+        return [Run(root / r["dir"]) for r in json.loads((root / "batch.json").read_text())["runs"]]
     return Run(train_run(cfg, node, quiet=quiet, overrides=list(overrides)))
 
 

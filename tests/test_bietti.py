@@ -101,7 +101,7 @@ def test_sgd_l2_decay_is_torchs_coupled_weight_decay():
 def test_the_circuit_summary_looks_where_bietti_needs_the_circuit():
     """Previous-token attention right after a trigger, induction attention at repeated triggers; the scores
     count only those positions."""
-    from lab.measures.attention import prefix_matching_score, previous_token_score
+    from lab.measures.attention import induction_targets, prefix_matching_score, previous_token_score
 
     task = BigramTask(BigramConfig(vocab_size=12, n_triggers=2, seq_len=24))
     batch, info = task.sample_with_info(jax.random.PRNGKey(1), 16)
@@ -121,8 +121,6 @@ def test_the_circuit_summary_looks_where_bietti_needs_the_circuit():
     assert float(previous_token_score(jnp.asarray(pat))[0]) < 0.5
     # an ideal induction head at the repeated triggers: all its attention on the earlier output(s)
     ideal = np.zeros((16, 1, t, t))
-    from lab.measures.attention import induction_targets
-
     targets = np.asarray(induction_targets(batch["tokens"]))
     for b, i in zip(*np.nonzero(ind), strict=True):
         ideal[b, 0, i] = targets[b, i] / targets[b, i].sum()
