@@ -74,7 +74,7 @@ def make_step(trainer):
     bs = cfg.trainer.batch_size
 
     def loss_fn(params, batch):
-        logp = jax.nn.log_softmax(forward(model.cfg, model._consts, params, batch), axis=-1)
+        logp = jax.nn.log_softmax(forward(model.cfg, model.consts, params, batch), axis=-1)
         nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         m = batch["loss_mask"]
         return jnp.sum(nll * m) / jnp.sum(m)

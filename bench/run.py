@@ -31,10 +31,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lab.batch import BatchTrainer
 from lab.checkpoint import Checkpointer
 from lab.clamp import ClampConfig
 from lab.config import load_config
+from lab.loop import Sink, drive
 from lab.trainer import Trainer
 
 # the clamp and logging sections measure the demo task on the model they always have (2 layers x 2 heads, learned
@@ -52,7 +52,7 @@ def steady(tr: Trainer, seconds: float = 3.0, state=None):
     while time.perf_counter() - t0 < seconds:
         st, _ = tr.scan_fn(st)
         jax.block_until_ready(st)  # dispatch is asynchronous: without this the clock only sees the queueing
-        n += tr.chunk
+        n += tr.parts.chunk if isinstance(tr, Trainer) else tr.chunk
     return n / (time.perf_counter() - t0), st
 
 
@@ -79,7 +79,7 @@ def bench_clamps(seconds: float) -> dict:
     ref_dir = Path(tempfile.mkdtemp()) / "ref"
     tr0 = trainer()
     ck = Checkpointer(ref_dir / "checkpoints")
-    ck.save(0, tr0.init_state())
+    ck.save(0, tr0.init_run_state().saved())
     ck.close()
     kinds = {
         "zero (attn_out)": ClampConfig(site="blocks.0.hook_attn_out", value="zero"),
@@ -103,6 +103,11 @@ def bench_clamps(seconds: float) -> dict:
     return out
 
 
+def fit(tr: Trainer):
+    """A whole run of ``tr`` from step 0, through the lab's host loop, its rows kept nowhere."""
+    return drive(tr, tr.init_state(), [Sink(tr.cfg.cadence)])
+
+
 def bench_logging() -> dict:
     """A whole 1500-step demo fit after compilation: unlogged, at the library's default cadence
     (a row every 100 steps: evaluators + measures), and at the demo's denser one (+20 log-spaced)."""
@@ -113,12 +118,12 @@ def bench_logging() -> dict:
     no_ckpt = ["checkpoint.every=0", "checkpoint.log_points=0"]
     trainers = {label: trainer(extra=[*no_ckpt, *extra]) for label, extra in setups}
     for tr in trainers.values():
-        tr.fit(tr.init_state())  # compile everything once
+        fit(tr)  # compile everything once
     times = {label: [] for label in trainers}
     for _ in range(3):
         for label, tr in trainers.items():
             t0 = time.perf_counter()
-            tr.fit(tr.init_state())
+            fit(tr)
             times[label].append(time.perf_counter() - t0)
     base = float(np.median(times["unlogged"]))
     for label, ts in times.items():
@@ -186,7 +191,7 @@ def bench_models(seconds: float, peak: float) -> dict:
         cfg, _ = load_config(exp_args(exp))
         tr = Trainer(cfg)
         flops = step_flops(tr, tr.init_state())
-        minimal = MinimalLoop(*make_step(tr), tr.chunk)
+        minimal = MinimalLoop(*make_step(tr), tr.parts.chunk)
         sps = interleaved({"lab": tr, "minimal": minimal}, 2 * seconds)
         tokens = cfg.trainer.batch_size * tr.task.seq_len
         r = {"steps_per_sec": sps["lab"], "tokens_per_sec": sps["lab"] * tokens, "flops_per_step": flops,
@@ -229,7 +234,7 @@ def bench_vmapped(seconds: float, peak: float, exp: str, counts, chunk: int) -> 
     for n in counts:
         cfgs = [load_config([*exp_args(exp), f"seed={s}", f"trainer.steps_per_call={chunk}"])[0]
                 for s in range(n)]
-        bt = BatchTrainer(cfgs)
+        bt = Trainer(cfgs)
         state = bt.init_state()
         mem = bt.check_memory(state)
         sps, _ = steady(bt, seconds, state)

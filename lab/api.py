@@ -24,8 +24,10 @@ from lab.batch import is_batch, train_batch
 from lab.comparison import compare
 from lab.config import Config, load_config
 from lab.errors import LabError
-from lab.replay import check_run_dir, complete_steps, fork_run, load_run_config, replay_run, restore_state
+from lab.replay import fork_run, replay_run
 from lab.run import train_run
+from lab.rundir import check_run_dir, complete_steps, load_run_config, restore_state
+from lab.state import TrainState
 from lab.tracking import read_metrics
 from lab.trainer import Trainer
 
@@ -89,13 +91,14 @@ class Run:
             raise LabError(f"step={step}: no complete checkpoint at that step in {self.dir}; have {have}")
         return step
 
-    def state(self, step: int | None = None) -> dict:
-        """The training state saved at ``step`` (default: the last checkpoint)."""
+    def state(self, step: int | None = None) -> TrainState:
+        """The training state saved at ``step`` (default: the last checkpoint): ``.params``, ``.opt_state``,
+        ``.step``, ``.key`` (and ``.frozen`` for a run with frozen clamps)."""
         return restore_state(self.trainer, self.dir, self._step(step))
 
     def params(self, step: int | None = None) -> dict:
         """The parameters at checkpoint ``step`` (default: the last), as a nested dict of arrays."""
-        return self.state(step)["params"]
+        return self.state(step).params
 
     def batch(self, evaluator: str | None = None) -> dict:
         """A fixed evaluation batch of the run's task (default: its first evaluator)."""

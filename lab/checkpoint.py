@@ -70,14 +70,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, step: int, like):
-        """The state saved at ``step``, with the structure, shapes and dtypes of ``like``."""
+    def restore(self, step: int, like=None):
+        """The state saved at ``step``, with the structure, shapes and dtypes of ``like`` (None: as saved)."""
         if step not in self.steps():
             raise LabError(f"step={step}: no checkpoint at that step in {self.directory} (have {self.steps()})")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = None if like is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        except Exception as e:  # truncated or foreign files: say so in one line, never load half a state
+        except Exception as e:  # orbax raises many types for truncated or foreign files: one line, never half a state
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise CheckpointReadError(f"checkpoint {step} in {self.directory} cannot be read "
                                       f"({type(e).__name__}: {msg})") from e

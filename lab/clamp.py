@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -230,7 +229,9 @@ def ideal_pattern(kind: str, batch: dict, task, t: int, strength: float = 1.0) -
 class ClampSet:
     """All clamps of a run, resolved against a model and a task."""
 
-    def __init__(self, specs: dict, model, task):
+    def __init__(self, specs: dict, model, task, references: dict | None = None):
+        """``references``: clamp name -> parameters of the run a ``value: reference`` clamp reads (the trainer
+        loads them with lab.rundir.reference_params)."""
         self.model, self.task = model, task
         self.specs = dict(specs or {})
         shapes = _site_shapes(model, task)
@@ -242,10 +243,8 @@ class ClampSet:
                   "no such site; valid sites: " + ", ".join(_site_summary(list(shapes))))
             for s in sites:
                 self.clamps.append(_Clamp(name, c, s, shapes[s], model, task))
-        self.reference_params = {}
-        for name, c in self.specs.items():
-            if c.value == "reference":
-                self.reference_params[name] = load_reference_params(c.reference_dir, c.reference_step, model)
+        self.reference_params = {name: (references or {})[name] for name, c in self.specs.items()
+                                 if c.value == "reference"}
         self.frozen_names = sorted({cl.name for cl in self.clamps if cl.c.value == "frozen"})
 
     def __bool__(self) -> bool:
@@ -421,34 +420,3 @@ def _site_summary(names: list[str]) -> list[str]:
     if layers:
         out.append(f"with l in 0..{layers[-1]}")
     return out
-
-
-def load_reference_params(run_dir: str, step: int | None, model):
-    """Parameters of another run's checkpoint, checked to match this model's shapes."""
-    from lab.checkpoint import Checkpointer
-
-    path = Path(run_dir)
-    ck_dir = path / "checkpoints"
-    if not ck_dir.is_dir():
-        raise LabError(f"reference_dir={run_dir}: not a run directory (no checkpoints/)")
-    ck = Checkpointer(ck_dir, read_only=True)
-    steps = ck.steps()
-    if not steps:
-        raise LabError(f"reference_dir={run_dir}: has no complete checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise LabError(f"reference_step={step}: no checkpoint at that step in {run_dir}; have {steps}")
-    import orbax.checkpoint as ocp
-
-    try:
-        tree = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    except Exception as e:  # a damaged or foreign checkpoint
-        raise LabError(f"reference_dir={run_dir}: checkpoint {step} cannot be read ({type(e).__name__})") from e
-    params = tree["params"]
-    mine = model.params()
-    ok = jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(params) and all(
-        np.shape(a) == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(params),
-                                                    strict=True))
-    if not ok:
-        raise LabError(f"reference_dir={run_dir}: its model does not match this run's model (shapes differ)")
-    return jax.tree_util.tree_map(jnp.asarray, params)

@@ -121,7 +121,7 @@ def _parse_steps(text: str | None, run_dir: str) -> list[int] | None:
         return None
     try:
         if ":" in text:
-            from lab.replay import check_run_dir, complete_steps
+            from lab.rundir import check_run_dir, complete_steps
 
             lo, hi = (int(x) if x else None for x in text.split(":", 1))
             have = complete_steps(check_run_dir(run_dir))

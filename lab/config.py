@@ -20,13 +20,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from lab.checkpoint import CheckpointConfig
 from lab.clamp import ClampConfig
 from lab.errors import LabError, check
+from lab.loop import TrainerConfig
 from lab.measures import MeasuresConfig
 from lab.measures.cadence import CadenceConfig
 from lab.model import ModelConfig
 from lab.optim import OptimConfig
 from lab.tasks import TASKS
 from lab.tracking import TrackingConfig, WandbConfig
-from lab.trainer import TrainerConfig
 
 
 @dataclass

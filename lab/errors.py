@@ -1,7 +1,7 @@
 """Errors, and the exit codes of the ``lab`` command (lab/cli.py maps them; every error is one line on stderr):
 
 - 0: the command did what it was asked.
-- 1: a run failed after it started. A non-finite loss or parameters (``NonFiniteError``, lab/trainer.py; the
+- 1: a run failed after it started. A non-finite loss or parameters (``NonFiniteError``, lab/loop.py; the
   last good checkpoint is kept); an ``OSError`` while writing (disk full, directory gone; what was saved is
   intact and ``lab resume`` continues); a sweep with a failed job.
 - 2: bad input, refused before anything is written: a config field, value or file, a command-line argument,

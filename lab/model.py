@@ -199,7 +199,7 @@ class Transformer:
         weights = _Weights(cfg, seq_len, vocab_size, n_outputs, feature_dim, seed)
         _, params, consts = nnx.split(weights, nnx.Param, Const)
         self._init_params = _str_keys(params.to_pure_dict())
-        self._consts = _str_keys(consts.to_pure_dict())
+        self.consts = _str_keys(consts.to_pure_dict())
         names = self.param_names()
         for pat in cfg.freeze:  # a typo would otherwise freeze nothing, silently
             check(any(fnmatch.fnmatchcase(n, pat) for n in names), "model.freeze", list(cfg.freeze),
@@ -250,7 +250,7 @@ class Transformer:
         keys and values at every position): nothing else of it reaches the readout.
         """
         cfg = self.cfg
-        p = merge_consts(params, self._consts)
+        p = merge_consts(params, self.consts)
         tokens = batch["tokens"]
         x = p["embed"]["W_E"][tokens]
         if self.feature_dim:

@@ -9,78 +9,25 @@ import sys
 from pathlib import Path
 
 import jax
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
-from lab.checkpoint import Checkpointer, CheckpointReadError
-from lab.config import compose, from_yaml, to_config
+from lab import rundir
+from lab.checkpoint import CheckpointReadError
+from lab.config import from_yaml
 from lab.errors import LabError
-from lab.tracking import read_metrics
+from lab.measures.mechanism import CircuitSummary, flat
+from lab.run import RunSink, execute
+from lab.rundir import check_run_dir, complete_steps, load_run_config, restore_state, run_overrides
+from lab.tracking import Tracker, read_metrics
 from lab.trainer import Trainer
-
-
-def check_run_dir(run_dir: str | Path) -> Path:
-    path = Path(run_dir)
-    if not (path / "config.yaml").is_file() or not (path / "checkpoints").is_dir():
-        raise LabError(f"run_dir={run_dir}: not a run directory (needs config.yaml and checkpoints/)")
-    return path
-
-
-def run_overrides(run_dir: Path) -> list[str] | None:
-    f = run_dir / "overrides.json"
-    return json.loads(f.read_text())["overrides"] if f.is_file() else None
-
-
-def load_run_config(run_dir: Path, extra: list[str] = ()):
-    """The run's config: re-composed from its overrides plus ``extra`` where it recorded them,
-    else its config.yaml (then ``extra`` must be plain field=value overrides)."""
-    saved = run_overrides(run_dir)
-    if saved is not None:
-        node = compose([o for o in saved if not o.startswith("run.dir=")] + list(extra))
-        return to_config(node), node
-    cfg, node = from_yaml(run_dir / "config.yaml")
-    if extra:
-        from omegaconf import OmegaConf
-
-        try:
-            node = OmegaConf.merge(node, OmegaConf.from_dotlist(list(extra)))
-        except Exception as e:
-            raise LabError(f"overrides {list(extra)}: {e}") from e
-        cfg = to_config(node)
-    return cfg, node
-
-
-def complete_steps(run_dir: Path) -> list[int]:
-    """Checkpoint steps that are complete (orbax finalises a step by renaming its directory)."""
-    return Checkpointer(run_dir / "checkpoints", read_only=True).steps()
-
-
-def restore_state(trainer: Trainer, run_dir: Path, step: int) -> dict:
-    """The training state saved at ``step``, shaped for ``trainer`` (which may add clamp state)."""
-    like = trainer.init_state()
-    base = {k: like[k] for k in ("params", "opt_state", "step", "key")}
-    ck = Checkpointer(run_dir / "checkpoints", read_only=True)
-    if "frozen" in like:  # a run with frozen clamps saved its snapshots too
-        try:
-            return dict(ck.restore(step, like))
-        except CheckpointReadError:
-            pass  # a parent without them: the snapshots start from the restored parameters
-    try:
-        state = dict(ck.restore(step, base))
-    except CheckpointReadError as e:
-        cause = str(e).split("cannot be read ", 1)[-1]
-        raise CheckpointReadError(f"checkpoint {step} of {run_dir} cannot be restored into this model/optimiser: its "
-                                  f"files are damaged or its shapes differ {cause}") from e
-    if "frozen" in like:
-        state["frozen"] = trainer.clamps.init_frozen(state["params"])
-    return state
 
 
 def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
     """Continue an interrupted run from its last complete checkpoint; the result equals a run that
     was never interrupted (same parameters, same metrics rows)."""
-    from lab.run import execute, lock_run_dir
-
     run_dir = check_run_dir(run_dir)
-    lock_run_dir(run_dir)  # before anything is rewritten: a second writer is refused
+    rundir.lock(run_dir)  # before anything is rewritten: a second writer is refused
     cfg, node = from_yaml(run_dir / "config.yaml")  # the run's own resolved config, whatever configs/ says now
     steps = complete_steps(run_dir)
     last = steps[-1] if steps else 0
@@ -98,24 +45,21 @@ def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
         raise LabError(f"run_dir={run_dir}: none of its {len(steps)} checkpoints can be restored; nothing was "
                        f"changed (newest: {bad[0][1]})")
     for s, e in bad:  # newer than one that reads: damaged. Kept for inspection, out of orbax's way
-        aside = run_dir / "checkpoints" / f"damaged-{s}"
-        i = 1
-        while aside.exists():
-            i += 1
-            aside = run_dir / "checkpoints" / f"damaged-{s}-{i}"
+        aside = rundir.free_path(run_dir / "checkpoints" / f"damaged-{s}")
         (run_dir / "checkpoints" / str(s)).rename(aside)
         print(f"warning: skipping {e}; moved it to {aside}", file=sys.stderr)
     steps = [s for s in steps if s not in {b for b, _ in bad}]
     last = steps[-1] if steps else 0
     if state is None:  # killed before its first checkpoint completed: nothing was kept, so start again
         print(f"warning: {run_dir} has no complete checkpoint; starting again from step 0", file=sys.stderr)
-        state = trainer.init_state()
+        state = trainer.init_run_state()
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl")] if (run_dir / "metrics.jsonl").exists() else []
     kept = [r for r in rows if r["step"] <= last] if steps else []
     _rewrite_metrics(run_dir / "metrics.jsonl", kept)
     if not quiet:
         print(f"resuming {run_dir} from step {last}", file=sys.stderr)
-    return execute(trainer, node, run_dir, state, quiet=quiet, resume=True, cadence_rows=kept)
+    sink = RunSink(run_dir, cfg, node, trainer.condition(0), resume=True, history=kept)
+    return execute(trainer, [sink], trainer.stack([state]), quiet=quiet)[0]
 
 
 def _rewrite_metrics(path: Path, rows: list[dict]) -> None:
@@ -128,8 +72,6 @@ def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str |
              quiet: bool = False) -> Path:
     """A new run that starts from the parent's checkpoint at ``step`` (parameters, optimiser state,
     data stream) with changed settings; it records its parent and the step."""
-    from lab.run import _write_config, execute, resolve_run_dir
-
     parent = check_run_dir(parent)
     steps = complete_steps(parent)
     if step not in steps:
@@ -141,22 +83,17 @@ def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str |
     if run_dir:
         cfg.run.dir = run_dir
     else:
-        base = parent.parent / f"{parent.name}-fork{step}"
-        path, i = base, 1
-        while path.exists():
-            i += 1
-            path = base.with_name(f"{base.name}-{i}")
-        cfg.run.dir = str(path)
+        cfg.run.dir = str(rundir.free_path(parent.parent / f"{parent.name}-fork{step}"))
     node.run.dir = cfg.run.dir  # the fork's config.yaml names its own directory
     if step >= cfg.trainer.steps:
         raise LabError(f"--step={step}: must be below trainer.steps={cfg.trainer.steps} of the fork")
     trainer = Trainer(cfg)
     state = restore_state(trainer, parent, step)
-    path = resolve_run_dir(cfg)
+    path = rundir.resolve_run_dir(cfg)
     saved = run_overrides(parent) or []
-    _write_config(path, node, [o for o in saved if not o.startswith("run.dir=")] + list(overrides),
+    rundir.create(path, node, [o for o in saved if not o.startswith("run.dir=")] + list(overrides),
                   extra={"parent": {"run_dir": str(parent), "step": step, "overrides": list(overrides)}})
-    return execute(trainer, node, path, state, quiet=quiet)
+    return execute(trainer, [RunSink(path, cfg, node, trainer.condition(0))], trainer.stack([state]), quiet=quiet)[0]
 
 
 def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: list[str] | None = None,
@@ -165,13 +102,8 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
     """Evaluate the run's evaluators and measures (and any probe clamps given in ``overrides``,
     e.g. ``+measures.clamps.pm={...}``) at saved checkpoints; rows go to RUN_DIR/replay.jsonl and to
     wandb (same group, job_type ``replay``)."""
-    from omegaconf import OmegaConf
-
-    from lab.run import lock_run_dir
-    from lab.tracking import Tracker
-
     run_dir = check_run_dir(run_dir)
-    lock_run_dir(run_dir)
+    rundir.lock(run_dir)
     extra = list(overrides)
     if measures:
         extra.append(f"measures.names=[{','.join(measures)}]")
@@ -190,8 +122,6 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
         cfg.tracking.wandb.mode = wandb_mode
     circuit = None
     if trainer.task.mechanism_metric and cfg.measures.circuit:  # the circuit summary at every checkpoint
-        from lab.measures.mechanism import CircuitSummary, flat
-
         circuit = CircuitSummary(trainer.model, trainer.task)
     out = run_dir / out_name
     out.unlink(missing_ok=True)
@@ -199,8 +129,6 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
                       group=cfg.experiment, job_type="replay", metrics_file=out_name, wandb_id_suffix="replay")
     it = want
     if not quiet:
-        from tqdm import tqdm
-
         it = tqdm(want, desc="replay", unit="ckpt", file=sys.stderr)
     skipped = []
     try:
@@ -213,9 +141,9 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
                 continue
             row = {"step": s}
             row.update(trainer.evaluate(state))
-            row.update(trainer.measures(state["params"]))
+            row.update(trainer.measures(state.params))
             if circuit is not None:
-                row.update(flat(circuit(state["params"], row)))
+                row.update(flat(circuit(state.params, row)))
             jax.block_until_ready(state)
             tracker.log(row)
     finally:

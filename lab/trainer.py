@@ -1,84 +1,207 @@
-"""The training step and loop.
+"""The training step and evaluation as pure functions, and the trainer that compiles them for R runs at once.
 
-A run is a pure function of its config and seed. The state is one pytree
-``{params, opt_state, step, key}``; the batch of step t is sampled on the device from
-``fold_in(key, t)``, so any step can be recomputed, resumed or forked from a checkpoint alone.
-``steps_per_call`` steps fuse into one ``lax.scan`` per host call; the remainder that a logging or
-checkpoint stop cuts off runs as one call of a loop whose length is data, so a stop anywhere costs
-at most one extra call and a run compiles two step programs and one evaluation program, whatever its
-cadence.
+A run is a pure function of its config and seed: the batch of step t is sampled on the device from
+``fold_in(key, t)``, so any step can be recomputed, resumed or forked from a checkpoint alone. The step
+(``train_step``) and the evaluation (``evaluate``) are module-level functions of one run's ``TrainState``;
+``Trainer`` vmaps them over a leading run axis, once, for every program it compiles. One run is a program of
+R = 1 runs, a batch (lab.batch: seeds x conditions x learning rates x task values) one of R > 1: the same code.
+
+Runs of one program share every shape; where they differ, it is in data held in their state: the learning rate
+(``state.lr``, the optimiser is built at that rate inside the step), the task's data fields (``state.task``),
+and, for runs of different clamp conditions, the union of their clamps with each run switching on its own
+(``state.gates``). ``steps_per_call`` steps fuse into one ``lax.scan`` per host call; the remainder that a logging
+or checkpoint stop cuts off runs as one call of a loop whose length is data, so a stop anywhere costs at most one
+extra call and a program compiles two step programs and one evaluation program per evaluation set.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lab import kernels
 from lab.clamp import ClampSet
 from lab.errors import LabError, check
 from lab.hooks import NO_HOOKS, Hooks
 from lab.measures import Measures
-from lab.measures.cadence import AdaptiveCadence
 from lab.model import Transformer, build_model
 from lab.optim import make_optimizer
-from lab.tasks import make_task
+from lab.rundir import reference_params
+from lab.state import TrainState
+from lab.tasks import TASKS, make_task
+
+GiB = 1024 ** 3
 
 
-@dataclass
-class TrainerConfig:
-    steps: int = 2000
-    batch_size: int = 64
-    steps_per_call: int = 50  # steps fused under lax.scan per host call
-    eval_every: int = 100  # evaluate (and log a row) every N steps; 0: only log-spaced and final
-    eval_log_points: int = 0  # extra log-spaced evaluations over the run
-    eval_batch_size: int = 250  # sequences per forward pass when evaluating
-    progress: bool = True  # show a progress bar
-    seeds: list[int] | None = None  # several seeds trained as one vmapped program (lab.batch), one run dir each
-    num_seeds: int = 1  # shorthand: seeds seed, seed+1, ..., seed+num_seeds-1
-    memory_limit_gb: float | None = None  # refuse batches of runs needing more (default: the device's free memory)
-    on_nonfinite: str = "stop"  # a non-finite loss or gradient: stop (keep the last good checkpoint) | skip the step
-    log_unclamped: bool = False  # with clamps: also log each evaluator unclamped, as <evaluator>@unclamped/...
+# ---- what the pure functions close over ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class Parts:
+    """The static parts of one run's step: hashed by identity, so jit sees one program per Trainer."""
 
-    def validate(self) -> None:
-        check(self.steps >= 1, "trainer.steps", self.steps, "must be >= 1")
-        check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
-        check(self.steps_per_call >= 1, "trainer.steps_per_call", self.steps_per_call, "must be >= 1")
-        check(self.eval_every >= 0, "trainer.eval_every", self.eval_every, "must be >= 0")
-        check(self.eval_log_points >= 0, "trainer.eval_log_points", self.eval_log_points, "must be >= 0")
-        check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, "must be >= 1")
-        check(self.num_seeds >= 1, "trainer.num_seeds", self.num_seeds, "must be >= 1")
-        check(self.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", self.on_nonfinite, "one of stop, skip")
-        if self.seeds is not None:
-            check(len(self.seeds) >= 1 and all(int(x) >= 0 for x in self.seeds), "trainer.seeds", self.seeds,
-                  "a non-empty list of seeds >= 0")
-            check(len(set(self.seeds)) == len(self.seeds), "trainer.seeds", self.seeds, "seeds must be distinct")
-            check(self.num_seeds == 1, "trainer.num_seeds", self.num_seeds,
-                  "give trainer.seeds or trainer.num_seeds, not both")
-        if self.memory_limit_gb is not None:
-            check(self.memory_limit_gb > 0, "trainer.memory_limit_gb", self.memory_limit_gb, "must be > 0")
+    task: Any
+    model: Transformer
+    clamps: ClampSet
+    optimizer: Callable[[Any], optax.GradientTransformation]  # the optimiser at a rate (None: the config's)
+    frozen_mask: Any  # model.freeze: a pytree of bools, or None when nothing is frozen
+    batch_size: int
+    chunk: int  # steps_per_call
+    skip_nonfinite: bool  # trainer.on_nonfinite == "skip"
+    eval_batch_size: int
 
 
-class NonFiniteError(LabError):
-    exit_code = 1
+def masked_nll(logits: jax.Array, batch: dict) -> jax.Array:
+    """The training loss: mean cross-entropy over the batch's ``loss_mask``."""
+    return kernels.masked_nll(logits.astype(jnp.float32), batch["targets"], batch["loss_mask"])
 
 
-def schedule(total: int, every: int, log_points: int, include_zero: bool = True) -> list[int]:
-    """Steps in [0, total]: multiples of ``every``, ``log_points`` log-spaced steps, and the end."""
-    s = {total}
-    if include_zero:
-        s.add(0)
-    if every:
-        s.update(range(every, total + 1, every))
-    if log_points:
-        s.update(int(round(v)) for v in np.geomspace(1, total, log_points))
-    return sorted(x for x in s if 0 <= x <= total)
+def batch_at(parts: Parts, key, step, data: dict | None = None) -> dict:
+    """The training batch of ``step``; ``data``: the run's task data fields (``state.task``) if it holds any."""
+    k = jax.random.fold_in(key, step)
+    if data is None:
+        return parts.task.sample(k, parts.batch_size)
+    return parts.task.sample(k, parts.batch_size, data=data)
+
+
+def loss(parts: Parts, params, batch, hooks: Hooks = NO_HOOKS) -> jax.Array:
+    task = parts.task
+    pos = task.query_positions if task.classification else ()
+    if pos and not (hooks.wants("ln_final.hook_normalized") or hooks.wants("logits")):
+        # a classification loss counts only at the query: read out there alone
+        sel = jnp.asarray(pos)
+        picked = {"targets": batch["targets"][:, sel], "loss_mask": batch["loss_mask"][:, sel]}
+        return masked_nll(parts.model.apply(params, batch, hooks, readout=pos), picked)
+    return masked_nll(parts.model.apply(params, batch, hooks), batch)
+
+
+def clamped_loss(parts: Parts, params, batch, step, frozen=None, gates=None) -> jax.Array:
+    """The training loss with the run's clamps acting as they do at ``step``."""
+    return loss(parts, params, batch, parts.clamps.hooks(params, batch, step, frozen, training=True, gates=gates))
+
+
+def train_step(parts: Parts, state: TrainState) -> tuple[TrainState, dict]:
+    """One optimiser step of one run; returns the new state and the step's loss, gradient norm and update ratio."""
+    step = state.step
+    frozen = parts.clamps.update_frozen(state.frozen, state.params, step) if state.frozen is not None else None
+    batch = batch_at(parts, state.key, step, state.task)
+
+    def loss_fn(params):
+        if parts.frozen_mask is not None:  # frozen weights' gradients (forward-sized matmuls) never computed
+            params = jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                                            parts.frozen_mask)
+        return clamped_loss(parts, params, batch, step, frozen, state.gates)
+
+    value, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = parts.optimizer(state.lr).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    gnorm = optax.global_norm(grads)
+    ratio = optax.global_norm(updates) / jnp.maximum(optax.global_norm(state.params), 1e-12)
+    out = {"loss": value, "grad_norm": gnorm, "update_ratio": ratio}
+    if parts.skip_nonfinite:  # a non-finite step leaves parameters and optimiser as they were
+        ok = jnp.isfinite(value) & jnp.isfinite(gnorm) & jnp.isfinite(ratio)
+        keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
+        params = jax.tree_util.tree_map(keep, params, state.params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+        out["skipped"] = (~ok).astype(jnp.float32)
+    return state.replace(params=params, opt_state=opt_state, step=step + 1, frozen=frozen), out
+
+
+def scan_steps(parts: Parts, state: TrainState):
+    """``steps_per_call`` steps under one lax.scan; each step's outputs stacked, time axis first."""
+    return jax.lax.scan(lambda s, _: train_step(parts, s), state, None, length=parts.chunk)
+
+
+def run_steps(parts: Parts, state: TrainState, n):
+    """``n`` steps (traced, at most ``steps_per_call``) and each step's outputs in [chunk] buffers (the first n
+    filled; time axis last)."""
+    shapes = jax.eval_shape(lambda s: train_step(parts, s), state)[1]
+    bufs = jax.tree_util.tree_map(lambda o: jnp.zeros((parts.chunk, *o.shape), o.dtype), shapes)
+
+    def body(i, carry):
+        st, b = carry
+        st, out = train_step(parts, st)
+        return st, jax.tree_util.tree_map(lambda buf, o: buf.at[i].set(o), b, out)
+
+    state, bufs = jax.lax.fori_loop(0, n, body, (state, bufs))
+    return state, jax.tree_util.tree_map(lambda b: jnp.moveaxis(b, 0, -1), bufs)
+
+
+def evaluate(parts: Parts, params, batch, step=0, frozen=None, clamps: ClampSet | None = None, gates=None) -> dict:
+    """The task's metrics of one run on an evaluation ``batch``, in chunks of ``eval_batch_size`` sequences, with
+    ``clamps`` acting as at ``step`` (None: unclamped)."""
+    n = batch["tokens"].shape[0]
+    c = max(d for d in range(1, min(n, parts.eval_batch_size) + 1) if n % d == 0)
+    chunks = jax.tree_util.tree_map(lambda a: a.reshape(n // c, c, *a.shape[1:]), batch)
+    if frozen is not None and clamps:
+        # the snapshot a training step at `step` would use (taken when a window opens at `step`); probe
+        # views hold the run's clamps too, so they use the same snapshot
+        frozen = parts.clamps.update_frozen(frozen, params, step)
+
+    def fwd(b):
+        hooks = clamps.hooks(params, b, step, frozen, training=False, gates=gates) if clamps else NO_HOOKS
+        return parts.model.apply(params, b, hooks)
+
+    logits = jax.lax.map(fwd, chunks)
+    logits = logits.reshape(n, *logits.shape[2:])
+    return parts.task.metrics(logits, batch)
+
+
+def all_finite(params) -> jax.Array:
+    """Per run (leading axis): are all parameters finite."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in leaves]).all(0)
+
+
+def make_clamps(specs: dict, model, task) -> ClampSet:
+    """A clamp set, with the parameters its ``value: reference`` clamps read loaded from their run directories."""
+    refs = {n: reference_params(c.reference_dir, c.reference_step, model) for n, c in specs.items()
+            if c.value == "reference"}
+    return ClampSet(specs, model, task, references=refs)
+
+
+class OverRuns:
+    """A function of one run's arguments, jitted and called on R runs stacked on a leading axis: vmapped for
+    R > 1. For R = 1 the run's slice goes to the jitted function of one run itself, on the host side of the
+    call, and comes back with the run axis restored, so a single run compiles the very program it would alone
+    (slicing inside the program changes XLA's fusion, and with it the float rounding of a step by a few ulps,
+    which Adam's first, sign-like steps amplify; and its CPU backend runs a batched matmul with a batch of one
+    some 15 % slower)."""
+
+    def __init__(self, fn, runs: int, in_axes=0, donate: bool = False):
+        self.runs = runs
+        self.run_axis = in_axes if isinstance(in_axes, tuple) else None  # None: every argument has the run axis
+        self.fn = jax.jit(jax.vmap(fn, in_axes=in_axes) if runs > 1 else fn, donate_argnums=0 if donate else ())
+
+    def _args(self, args):
+        if self.runs > 1:
+            return args
+        return [a if self.run_axis is not None and self.run_axis[k] is None
+                else jax.tree_util.tree_map(lambda x: x[0], a) for k, a in enumerate(args)]
+
+    def __call__(self, *args):
+        out = self.fn(*self._args(args))
+        return out if self.runs > 1 else jax.tree_util.tree_map(lambda x: x[None], out)
+
+    def lower(self, *args):
+        """The program for these (stacked) arguments, lowered (for cost and memory analyses)."""
+        return self.fn.lower(*self._args(args))
+
+    def compile(self, *args):
+        """Compile for these arguments now; later calls run this compiled program. Returns it."""
+        compiled = self.lower(*args).compile()
+        self.fn = compiled
+        return compiled
+
+    def cache_size(self) -> int:
+        """How many programs the jitted function holds (one per argument shapes)."""
+        return self.fn._cache_size()
 
 
 def _to_host_soon(tree):
@@ -89,43 +212,75 @@ def _to_host_soon(tree):
     return tree
 
 
-def masked_nll(logits: jax.Array, batch: dict) -> jax.Array:
-    """The training loss: mean cross-entropy over the batch's ``loss_mask``."""
-    return kernels.masked_nll(logits.astype(jnp.float32), batch["targets"], batch["loss_mask"])
-
-
+# ---- the trainer of R runs ----------------------------------------------------------------------------------
 class Trainer:
-    """Owns the jitted step, scan and evaluation programs for one (task, model, optimiser)."""
+    """The task, model and clamps of R runs that share every shape (one config, or a batch's list of solo
+    configs), and the jitted, vmapped programs that train and evaluate them. Its state holds the R runs
+    stacked on a leading axis (``init_state``; ``run_state(state, i)`` is run i's as it would train alone)."""
 
-    def __init__(self, cfg, task=None, model: Transformer | None = None):
-        self.cfg = cfg
+    def __init__(self, cfgs, task=None, model: Transformer | None = None):
+        self.cfgs = list(cfgs) if isinstance(cfgs, (list, tuple)) else [cfgs]
+        self.runs = len(self.cfgs)
+        cfg = self.cfg = self.cfgs[0]  # what the runs share: trainer, checkpoint, cadence, model, optimiser
+        for c in self.cfgs:
+            if dataclasses.replace(c.optim, lr=0.0) != dataclasses.replace(cfg.optim, lr=0.0):
+                raise LabError(f"optim: batched runs may differ in optim.lr only, got {c.optim} and {cfg.optim}")
+        self.task_fields = self._task_fields()  # the task fields each run holds as data in its state
         self.task = task if task is not None else make_task(cfg.task)
         self.model = model if model is not None else build_model(cfg.model, self.task, seed=cfg.seed)
         tc = cfg.trainer
-        self.batch_size, self.chunk = tc.batch_size, tc.steps_per_call
-        frozen = self.model.frozen_mask(self.model.params())
-        any_frozen = any(jax.tree_util.tree_leaves(frozen))
-        # the optimiser at a rate: cfg's (None), or a batched run's own (state["lr"], traced)
-        self.opt_at = lambda lr: make_optimizer(cfg.optim, tc.steps, frozen if any_frozen else None, lr=lr)
-        self.frozen = frozen if any_frozen else None  # model.freeze: the step computes no gradient for these
-        self.opt = self.opt_at(None)
-        self.clamps = ClampSet(getattr(cfg, "clamps", None) or {}, self.model, self.task)
-        trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
-        self.measures = Measures(cfg.measures, self.model, self.task, loss_fn=self.loss, batch_size=tc.batch_size,
-                                 trainable=trainable)
+
+        # clamps: one condition's as they are; several conditions' as the union, each renamed NAME@CONDITION
+        # and switched on per run by state.gates
+        conds: list[dict] = []
+        self.cond_of: list[int] = []
+        for c in self.cfgs:
+            key = {n: dataclasses.asdict(s) for n, s in c.clamps.items()}
+            if key not in conds:
+                conds.append(key)
+            self.cond_of.append(conds.index(key))
+        self.conds = [dict(self.cfgs[self.cond_of.index(i)].clamps) for i in range(len(conds))]
+        self.gated = len(self.conds) > 1
+        specs = ({f"{n}@{i}": s for i, cl in enumerate(self.conds) for n, s in cl.items()} if self.gated
+                 else dict(self.conds[0]))
+        self.clamps = make_clamps(specs, self.model, self.task)
         # progress measures by clamp: the current model, as it runs (its own clamps included, as at the step),
         # with one more clamp it was not trained with. A run trained with one active head (Singh's single_head)
         # keeps the others ablated under the probe, as the authors' progress measures do (their Fig. 10 adds
         # the probe clamp to --opto_ablate_heads). A probe named like one of the run's clamps replaces it.
-        run_specs = dict(getattr(cfg, "clamps", None) or {})
-        self.probe_clamps = {name: ClampSet({**run_specs, name: spec}, self.model, self.task)
+        self.probe_clamps = {name: make_clamps({**specs, name: spec}, self.model, self.task)
                              for name, spec in cfg.measures.clamps.items()}
+
+        frozen = self.model.frozen_mask(self.model.params())
+        any_frozen = any(jax.tree_util.tree_leaves(frozen))
+        self.frozen = frozen if any_frozen else None
+        self.own_lr = len({c.optim.lr for c in self.cfgs}) > 1  # each run's rate is data in its state
+        mask = frozen if any_frozen else None
+        optimizers: dict = {}
+
+        def optimizer(lr):  # the optimiser at a rate: the config's (None), or a run's own (state.lr, traced)
+            if lr is None:
+                if None not in optimizers:
+                    optimizers[None] = make_optimizer(cfg.optim, tc.steps, mask, lr=None)
+                return optimizers[None]
+            return make_optimizer(cfg.optim, tc.steps, mask, lr=lr)
+
+        self.opt = optimizer(None)
+        self.parts = Parts(self.task, self.model, self.clamps, optimizer, self.frozen, tc.batch_size,
+                           tc.steps_per_call, tc.on_nonfinite == "skip", tc.eval_batch_size)
+        trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
+        self.measures = Measures(cfg.measures, self.model, self.task, loss_fn=self.loss, batch_size=tc.batch_size,
+                                 trainable=trainable)
+        self.evals = self._evaluation_sets()
         self.watch = cfg.watch or self.task.watch_metric
-        self.scan_fn = jax.jit(self._scan, donate_argnums=0)  # steps_per_call steps
-        self.run_fn = jax.jit(self._run, donate_argnums=0)  # (state, n < steps_per_call): a remainder, one call
-        self.step_fn = jax.jit(self._step, donate_argnums=0)  # one step (tests, FLOP counts)
-        self.eval_fn = jax.jit(self._evaluate, static_argnames="clamps")
-        self.finite_fn = jax.jit(self._finite)  # per run: are all parameters finite
+
+        p = self.parts
+        r = self.runs
+        self.scan_fn = OverRuns(lambda s: scan_steps(p, s), r, donate=True)  # steps_per_call steps
+        self.run_fn = OverRuns(lambda s, n: run_steps(p, s, n), r, in_axes=(0, None), donate=True)
+        self.step_fn = OverRuns(lambda s: train_step(p, s), r, donate=True)  # one step (tests, FLOP counts)
+        self.finite_fn = jax.jit(all_finite)
+        self._eval_fns: dict = {}
         if cfg.watch:  # a typo would otherwise surface only after training, as "no transition detected"
             names = self.metric_names()
             if cfg.watch not in names:
@@ -133,68 +288,169 @@ class Trainer:
                 shown = [n for n in names if not ("/L" in n and n[-1].isdigit())] + heads
                 check(False, "watch", cfg.watch, f"a metric this run logs: {', '.join(shown)}")
 
-    # ---- pure functions ------------------------------------------------------------------
-    def init_state(self, params: dict | None = None, seed: int | None = None) -> dict:
-        """The state at step 0 (this run's, or the one a run with ``seed`` and initial ``params`` starts from)."""
-        params = self.model.params() if params is None else params
-        seed = self.cfg.seed if seed is None else seed
-        state = {
-            "params": params,
-            "opt_state": self.opt.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "key": jax.random.fold_in(jax.random.PRNGKey(seed), 1),
-        }
-        if self.clamps.frozen_names:
-            state["frozen"] = self.clamps.init_frozen(params)
-        return state
-
-    def batch_at(self, key, step, data: dict | None = None) -> dict:
-        """The training batch of ``step``; ``data``: the task's data fields of a batched run (traced)."""
-        k = jax.random.fold_in(key, step)
-        if data is None:
-            return self.task.sample(k, self.batch_size)
-        return self.task.sample(k, self.batch_size, data=data)
-
+    # ---- one run's pure functions, bound to this trainer's parts (tests, measures, notebooks) --------------
     def loss(self, params, batch, hooks: Hooks = NO_HOOKS) -> jax.Array:
-        pos = self.task.query_positions if self.task.classification else ()
-        if pos and not (hooks.wants("ln_final.hook_normalized") or hooks.wants("logits")):
-            # a classification loss counts only at the query: read out there alone
-            sel = jnp.asarray(pos)
-            picked = {"targets": batch["targets"][:, sel], "loss_mask": batch["loss_mask"][:, sel]}
-            return masked_nll(self.model.apply(params, batch, hooks, readout=pos), picked)
-        return masked_nll(self.model.apply(params, batch, hooks), batch)
+        return loss(self.parts, params, batch, hooks)
 
     def clamped_loss(self, params, batch, step, frozen=None, gates=None) -> jax.Array:
-        """The training loss with the run's clamps acting as they do at ``step``."""
-        return self.loss(params, batch, self.clamps.hooks(params, batch, step, frozen, training=True, gates=gates))
+        return clamped_loss(self.parts, params, batch, step, frozen, gates)
 
-    def _step(self, state):
-        step = state["step"]
-        new = dict(state)
-        if "frozen" in state:
-            new["frozen"] = self.clamps.update_frozen(state["frozen"], state["params"], step)
-        batch = self.batch_at(state["key"], step, state.get("task"))
+    def batch_at(self, key, step, data: dict | None = None) -> dict:
+        return batch_at(self.parts, key, step, data)
 
-        def loss_fn(params):
-            if self.frozen is not None:  # frozen weights' gradients (matmuls as large as the forward's) never computed
-                params = jax.tree_util.tree_map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen)
-            return self.clamped_loss(params, batch, step, new.get("frozen"), state.get("gates"))
+    # ---- the runs of this program ------------------------------------------------------------------------
+    def _task_fields(self) -> list[str]:
+        """The task fields in which the runs differ; only the task's data fields may."""
+        base = dataclasses.asdict(self.cfgs[0].task)
+        differ = sorted({k for c in self.cfgs for k, v in dataclasses.asdict(c.task).items() if v != base[k]})
+        allowed = TASKS[self.cfgs[0].task.name][1].data_fields
+        bad = [k for k in differ if k not in allowed]
+        if bad:
+            raise LabError(f"task.{bad[0]}: batched runs may differ only in the task's data fields "
+                           f"({', '.join(allowed) or 'none'}); train other task settings as separate runs")
+        return differ
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        opt = self.opt if "lr" not in state else self.opt_at(state["lr"])
-        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        gnorm = optax.global_norm(grads)
-        ratio = optax.global_norm(updates) / jnp.maximum(optax.global_norm(state["params"]), 1e-12)
-        out = {"loss": loss, "grad_norm": gnorm, "update_ratio": ratio}
-        if self.cfg.trainer.on_nonfinite == "skip":  # a non-finite step leaves parameters and optimiser as they were
-            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(ratio)
-            keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
-            params = jax.tree_util.tree_map(keep, params, state["params"])
-            opt_state = jax.tree_util.tree_map(keep, opt_state, state["opt_state"])
-            out["skipped"] = (~ok).astype(jnp.float32)
-        new.update(params=params, opt_state=opt_state, step=step + 1)
-        return new, out
+    def _evaluation_sets(self) -> dict:
+        """The task's evaluation sets; runs whose tasks differ in data fields may differ in them too (an
+        evaluator on the training mixture): those are stacked per run (a leading run axis), the others shared."""
+        evals = dict(self.task.evals)
+        if not self.task_fields:
+            return evals
+        built: dict[str, dict] = {}  # one task (and its compiled samplers) per distinct task config, not per run
+        for c in self.cfgs:
+            key = repr(dataclasses.asdict(c.task))
+            if key not in built:
+                built[key] = make_task(c.task).evals
+        per_run = [built[repr(dataclasses.asdict(c.task))] for c in self.cfgs]
+        for name in list(evals):
+            leaves = [jax.tree_util.tree_leaves(e[name]) for e in per_run]
+            if not all(np.array_equal(a, b) for lv in leaves[1:] for a, b in zip(leaves[0], lv, strict=True)):
+                evals[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(e[name] for e in per_run))
+        return evals
+
+    def init_run_state(self, i: int = 0, params: dict | None = None) -> TrainState:
+        """Run i's state at step 0, as it would train alone (``params``: its initial parameters)."""
+        c = self.cfgs[i]
+        params = self.model.params() if params is None else params
+        frozen = sorted(n for n, spec in c.clamps.items() if spec.value == "frozen")  # its own frozen clamps
+        return TrainState(params=params, opt_state=self.opt.init(params), step=jnp.zeros((), jnp.int32),
+                          key=jax.random.fold_in(jax.random.PRNGKey(c.seed), 1),
+                          frozen={n: jax.tree_util.tree_map(jnp.copy, params) for n in frozen} or None)
+
+    def init_state(self) -> TrainState:
+        """The R runs at step 0, stacked (each run's parameters from its own seed)."""
+        states = []
+        base_consts = jax.tree_util.tree_leaves(self.model.consts)
+        for i, c in enumerate(self.cfgs):
+            m = self.model if c.seed == self.cfg.seed else build_model(c.model, self.task, seed=c.seed)
+            if not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(m.consts), base_consts,
+                                                            strict=True)):
+                raise LabError(f"trainer.seeds: model.positions={c.model.positions} draws fixed arrays per seed, "
+                               "which batched runs cannot hold apart; train these seeds as separate runs "
+                               "(lab train -m seed=...)")
+            states.append(self.init_run_state(i, m.params()))
+        return self.stack(states)
+
+    def stack(self, states: list[TrainState]) -> TrainState:
+        """The program's state from its R runs' own states (as ``init_run_state`` or a checkpoint holds them):
+        what the runs hold as data (rate, task fields, gates) is added, and the runs stacked."""
+        if len(states) != self.runs:
+            raise LabError(f"runs: this program trains {self.runs} runs, got {len(states)} states")
+        full = []
+        for i, (st, c) in enumerate(zip(states, self.cfgs, strict=True)):
+            if self.gated and self.clamps.frozen_names:  # the program's names NAME@CONDITION; others' unused
+                own = {f"{n}@{self.cond_of[i]}": v for n, v in (st.frozen or {}).items()}
+                st = st.replace(frozen={n: own[n] if n in own else jax.tree_util.tree_map(jnp.copy, st.params)
+                                        for n in self.clamps.frozen_names})
+            full.append(st.replace(
+                lr=jnp.float32(c.optim.lr) if self.own_lr else None,
+                task=self.task.run_data({f: getattr(c.task, f) for f in self.task_fields}) if self.task_fields
+                else None,
+                gates={n: jnp.float32(n.rsplit("@", 1)[1] == str(self.cond_of[i])) for n in self.clamps.specs}
+                if self.gated else None))
+        return self.shard(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *full))
+
+    def run_state(self, state: TrainState, i: int) -> TrainState:
+        """Run i's state, as a run trained alone would hold it (what its checkpoints store)."""
+        one = state.run(i).replace(lr=None, task=None, gates=None)
+        if self.gated and one.frozen is not None:  # back to the run's own clamp names
+            suffix = f"@{self.cond_of[i]}"
+            own = {n[: -len(suffix)]: v for n, v in one.frozen.items() if n.endswith(suffix)}
+            one = one.replace(frozen=own or None)
+        return one
+
+    def shard(self, state: TrainState) -> TrainState:
+        """Spread the runs over the available devices (a mesh with one axis, "runs"): 8 GPUs train 8x the
+        runs. Needs the number of runs to be a multiple of the device count; otherwise one device."""
+        devices = jax.devices()
+        if len(devices) < 2 or self.runs % len(devices):
+            return state
+        mesh = Mesh(np.array(devices), ("runs",))
+        return jax.device_put(state, NamedSharding(mesh, PartitionSpec("runs")))
+
+    def current_step(self, state: TrainState) -> int:
+        return int(state.step[0])
+
+    def condition(self, i: int) -> str:
+        return "+".join(self.cfgs[i].clamps) or "none"
+
+    def run_label(self, i: int) -> str:
+        """How an error names run i ("" for a single run)."""
+        return f" in run {i} (seed {self.cfgs[i].seed}, {self.condition(i)})" if self.runs > 1 else ""
+
+    # ---- host-side driving ---------------------------------------------------------------------------------
+    def advance(self, state: TrainState, n: int):
+        """Run n steps; returns the new state and, per host call, (the per-step losses/grad norms in buffers on
+        the device, run axis first and time axis last; how many of their entries the call filled)."""
+        outs = []
+        while n >= self.parts.chunk:  # the scan is a few per cent faster per step than the loop of data length
+            state, out = self.scan_fn(state)
+            outs.append((_to_host_soon(out), self.parts.chunk))  # [runs, chunk]: time axis last
+            n -= self.parts.chunk
+        if n:
+            state, out = self.run_fn(state, n)
+            outs.append((_to_host_soon(out), n))
+        return state, outs
+
+    def views(self) -> list[tuple[str, ClampSet | None]]:
+        """(suffix, clamps) of each evaluation: as trained, unclamped (if asked), and each probe clamp."""
+        views = [("", self.clamps)]
+        if self.clamps and self.cfg.trainer.log_unclamped:
+            views.append(("@unclamped", None))
+        return views + [(f"@{name}", cs) for name, cs in self.probe_clamps.items()]
+
+    def _eval_fn(self, clamps: ClampSet | None, per_run: bool):
+        key = (id(clamps), per_run)
+        if key not in self._eval_fns:
+            p = self.parts
+
+            def one(params, step, frozen, gates, batch):
+                return evaluate(p, params, batch, step, frozen, clamps=clamps, gates=gates)
+
+            self._eval_fns[key] = OverRuns(one, self.runs, in_axes=(0, 0, 0, 0, 0 if per_run else None))
+        return self._eval_fns[key]
+
+    def evaluate_runs(self, state: TrainState) -> list[dict[str, float]]:
+        """Every evaluator's metrics (clamps acting as at the step, unless eval: false), one dict per run."""
+        row = {}
+        for name, batch in self.evals.items():
+            per_run = batch["tokens"].ndim == 3  # an evaluation set stacked per run (see _evaluation_sets)
+            for suffix, clamps in self.views():
+                out = self._eval_fn(clamps, per_run)(state.params, state.step, state.frozen, state.gates, batch)
+                for k, v in out.items():
+                    if suffix and suffix != "@unclamped" and k != "loss":
+                        continue  # probe clamps log their loss only
+                    row[f"{name}{suffix}/{k}"] = v
+        host = {k: np.asarray(v).reshape(self.runs) for k, v in jax.device_get(row).items()}
+        return [{k: float(v[i]) for k, v in host.items()} for i in range(self.runs)]
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """The evaluators' metrics of a single run's state (as ``run_state`` or a checkpoint holds it); the
+        program must train one run."""
+        if self.runs != 1:
+            raise LabError(f"runs: evaluate() takes one run's state; this program trains {self.runs} (use "
+                           "evaluate_runs on the stacked state)")
+        return self.evaluate_runs(self.stack([state]) if state.step.ndim == 0 else state)[0]
 
     def metric_names(self) -> list[str]:
         """The names of the metrics in this run's rows (the evaluators' from shapes alone, a frozen clamp's
@@ -203,243 +459,51 @@ class Trainer:
         frozen = self.clamps.init_frozen(params) if self.clamps.frozen_names else None
         names = {"train/batch_loss", "train/grad_norm", "train/update_ratio", "train/loss"}
         for name, batch in self.task.evals.items():
-            for suffix, clamps in self._views():
-                keys = jax.eval_shape(lambda p, b, f, c=clamps: self._evaluate(p, b, frozen=f, clamps=c),
+            for suffix, clamps in self.views():
+                keys = jax.eval_shape(lambda p, b, f, c=clamps: evaluate(self.parts, p, b, frozen=f, clamps=c),
                                       params, batch, frozen)
                 names |= {f"{name}{suffix}/{k}" for k in keys if suffix in ("", "@unclamped") or k == "loss"}
         names |= set(self.measures(params))
         return sorted(names)
 
-    def _finite(self, params) -> jax.Array:
-        lead = 1 if self.runs else 0  # a BatchTrainer's parameters carry the run axis first
-        leaves = jax.tree_util.tree_leaves(params)
-        return jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(lead, x.ndim))) for x in leaves]).all(0)
+    # ---- memory --------------------------------------------------------------------------------------------
+    def check_memory(self, state: TrainState, limit_bytes: float | None = None) -> dict:
+        """Compile the step program and refuse it, before anything runs, if it would not fit."""
+        need = _program_bytes(self.scan_fn.compile(state))  # the program just compiled is the one that runs
+        limit = limit_bytes if limit_bytes is not None else free_device_bytes()
+        ndev = len(jax.devices()) if self.runs % len(jax.devices()) == 0 else 1
+        per_run = need * ndev / self.runs  # XLA reports one device's share of a sharded program
+        info = {"runs": self.runs, "bytes": need, "bytes_per_run": per_run, "limit_bytes": limit,
+                "devices": len(jax.devices())}
+        if limit is not None and need > limit:
+            fit = int(limit // per_run)
+            has = (f"the limit is trainer.memory_limit_gb={limit / GiB:g}" if limit_bytes is not None
+                   else f"{limit / GiB:.2f} GiB is free on {jax.devices()[0].device_kind}")
+            raise LabError(f"trainer.seeds: {self.runs} runs need {need / GiB:.2f} GiB ({per_run / GiB:.3f} GiB each) "
+                           f"but {has}; at most {fit} fit")
+        return info
 
-    def _scan(self, state):
-        return jax.lax.scan(lambda s, _: self._step(s), state, None, length=self.chunk)
 
-    def _run(self, state, n):
-        """``n`` steps (traced, at most ``self.chunk``) and each step's outputs in [chunk] buffers (the first n
-        filled; time axis last)."""
-        shapes = jax.eval_shape(self._step, state)[1]
-        bufs = jax.tree_util.tree_map(lambda o: jnp.zeros((self.chunk, *o.shape), o.dtype), shapes)
+def _program_bytes(compiled) -> float:
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0.0
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
-        def body(i, carry):
-            st, b = carry
-            st, out = self._step(st)
-            return st, jax.tree_util.tree_map(lambda buf, o: buf.at[i].set(o), b, out)
 
-        state, bufs = jax.lax.fori_loop(0, n, body, (state, bufs))
-        return state, jax.tree_util.tree_map(lambda b: jnp.moveaxis(b, 0, -1), bufs)
-
-    def _evaluate(self, params, batch, step=0, frozen=None, clamps: ClampSet | None = None, gates=None):
-        n = batch["tokens"].shape[0]
-        c = max(d for d in range(1, min(n, self.cfg.trainer.eval_batch_size) + 1) if n % d == 0)
-        chunks = jax.tree_util.tree_map(lambda a: a.reshape(n // c, c, *a.shape[1:]), batch)
-
-        if frozen is not None and clamps:
-            # the snapshot a training step at `step` would use (taken when a window opens at `step`); probe
-            # views hold the run's clamps too, so they use the same snapshot
-            frozen = self.clamps.update_frozen(frozen, params, step)
-
-        def fwd(b):
-            hooks = clamps.hooks(params, b, step, frozen, training=False, gates=gates) if clamps else NO_HOOKS
-            return self.model.apply(params, b, hooks)
-
-        logits = jax.lax.map(fwd, chunks)
-        logits = logits.reshape(n, *logits.shape[2:])
-        return self.task.metrics(logits, batch)
-
-    # ---- host-side driving ---------------------------------------------------------------
-    runs: int | None = None  # None: the state holds one run; a BatchTrainer stacks `runs` of them
-
-    def advance(self, state, n: int):
-        """Run n steps; returns the new state and, per host call, (the per-step losses/grad norms in buffers on
-        the device, time axis last; how many of their entries the call filled)."""
-        outs = []
-        while n >= self.chunk:  # the scan is a few per cent faster per step than the loop of data length
-            state, out = self.scan_fn(state)
-            outs.append((_to_host_soon(out), self.chunk))
-            n -= self.chunk
-        if n:
-            state, out = self.run_fn(state, n)
-            outs.append((_to_host_soon(out), n))
-        return state, outs
-
-    def _views(self):
-        """(suffix, clamps) of each evaluation: as trained, unclamped (if asked), and each probe clamp."""
-        views = [("", self.clamps)]
-        if self.clamps and self.cfg.trainer.log_unclamped:
-            views.append(("@unclamped", None))
-        return views + [(f"@{name}", cs) for name, cs in self.probe_clamps.items()]
-
-    def _eval_call(self, clamps, state, batch):
-        return self.eval_fn(state["params"], batch, state["step"], state.get("frozen"), clamps=clamps,
-                            gates=state.get("gates"))
-
-    def evaluate_runs(self, state) -> list[dict[str, float]]:
-        """Every evaluator's metrics (clamps acting as at the step, unless eval: false), one dict per run."""
-        row = {}
-        for name, batch in self.task.evals.items():
-            for suffix, clamps in self._views():
-                out = self._eval_call(clamps, state, batch)
-                for k, v in out.items():
-                    if suffix and suffix != "@unclamped" and k != "loss":
-                        continue  # probe clamps log their loss only
-                    row[f"{name}{suffix}/{k}"] = v
-        host = {k: np.asarray(v).reshape(-1) for k, v in jax.device_get(row).items()}
-        return [{k: float(v[i]) for k, v in host.items()} for i in range(self.runs or 1)]
-
-    def evaluate(self, state) -> dict[str, float]:
-        return self.evaluate_runs(state)[0]
-
-    def measure_runs(self, state, which: list[int]) -> list[dict[str, float]]:
-        return [self.measures(state["params"])]
-
-    def current_step(self, state) -> int:
-        return int(state["step"])
-
-    def run_state(self, state, i: int) -> dict:
-        """Run i's state, as a run trained alone would hold it (what its checkpoints store)."""
-        return state
-
-    def run_label(self, i: int) -> str:
-        return ""
-
-    def fit(self, state, log=None, save=None, progress=None, start_time: float | None = None,
-            history: list[dict] | None = None) -> dict:
-        """Train from ``state["step"]`` to ``trainer.steps``.
-
-        log(row) receives each logged row; save(step, state) is called at checkpoint steps;
-        progress(step, row) after each logged row. With ``cadence.adaptive``, rows (and
-        checkpoints) come every ``cadence.dense_every`` steps while the watched metric moves.
-        ``history``: rows already logged by this run (when resuming), replayed into the cadence so
-        the continuation logs exactly where an uninterrupted run would. Returns the final state.
-        """
-        return self.drive(state, [log], [save], progress, start_time, [history or []])
-
-    def drive(self, state, logs: list, saves: list, progress=None, start_time: float | None = None,
-              histories: list[list[dict]] | None = None) -> dict:
-        """``fit`` for R = len(logs) runs held in one state (one run, or R stacked by a BatchTrainer).
-
-        Each run logs and checkpoints exactly where it would alone: its own adaptive cadence plans its
-        stops, the program advances to the nearest planned stop of any run, and only the runs that planned
-        that stop log there."""
-        tc, cc = self.cfg.trainer, self.cfg.checkpoint
-        total, n_runs = tc.steps, len(logs)
-        histories = histories or [[] for _ in range(n_runs)]
-        ckpts = set(schedule(total, cc.every, cc.log_points, include_zero=bool(cc.every or cc.log_points)))
-        # every checkpoint is also a logged row: a run resumed from any checkpoint then logs exactly the rows
-        # of an uninterrupted one, and no state is saved before its losses were checked for NaN
-        evals = set(schedule(total, tc.eval_every, tc.eval_log_points)) | ckpts
-        cadences = [AdaptiveCadence(self.cfg.cadence) for _ in range(n_runs)]
-        for cad, hist in zip(cadences, histories, strict=True):
-            for r in hist:
-                cad.observe(r["step"], r.get(self.watch, 0.0))
-        step = self.current_step(state)
-        t0 = start_time if start_time is not None else time.perf_counter()
-        last = [step] * n_runs  # the step of each run's latest row
-        pending: list[tuple[int, dict]] = []  # (end step, per-step outputs) not yet logged by every run
-        last_t, last_step = time.perf_counter(), step
-
-        def log_rows(due, perf):
-            rows = self._rows(step, state, due, pending, last, perf)
-            for i, row in zip(due, rows, strict=True):
-                cadences[i].observe(step, row.get(self.watch, 0.0))
-                if logs[i]:
-                    logs[i](row)
-                last[i] = step
-            if progress and rows:
-                progress(step, rows[0])
-
-        first = [i for i in range(n_runs) if not any(r["step"] == step for r in histories[i])]
-        if first and (step in evals or step > 0):
-            log_rows(first, None)  # the start (a fork's first row)
-        if step == 0 and 0 in ckpts:
-            for i, sv in enumerate(saves):
-                if sv:
-                    sv(0, self.run_state(state, i))
-        planned: list[int | None] = [None] * n_runs
-        while step < total:
-            nxt = min(s for s in evals if s > step)
-            planned = [p if p is not None and p > step else cad.next_stop(step, nxt)
-                       for p, cad in zip(planned, cadences, strict=True)]
-            stop = min(planned)
-            state, outs = self.advance(state, stop - step)
-            pending.append((stop, outs))
-            step = stop
-            due = [i for i in range(n_runs) if planned[i] == stop]
-            jax.block_until_ready(state["step"])  # dispatch is asynchronous: time the steps, not their queueing
-            now = time.perf_counter()
-            log_rows(due, {"perf/steps_per_sec": (step - last_step) / max(now - last_t, 1e-9),
-                           "perf/elapsed": now - t0})
-            last_t, last_step = time.perf_counter(), step
-            dense = stop not in evals
-            for i in due:
-                planned[i] = None
-                if saves[i] and (stop in ckpts or (dense and self.cfg.cadence.checkpoint_dense)):
-                    saves[i](stop, self.run_state(state, i))
-            pending = [(e, o) for e, o in pending if e > min(last)]
-        return state
-
-    def _nonfinite_message(self, per_step, i, s0, step, skip) -> str:
-        """Name the first step whose loss or gradient norm was not finite, and what was."""
-        host = {k: np.asarray(v).reshape(self.runs or 1, -1)[i] for k, v in per_step.items()}
-        if skip:
-            return (f"every step from {s0} to {step - 1} was non-finite and skipped{self.run_label(i)}; stopping "
-                    "(the last good checkpoint is kept)")
-        for j in range(host["loss"].shape[0]):
-            for k, name in (("loss", "loss"), ("grad_norm", "gradient norm"), ("update_ratio", "update")):
-                if not math.isfinite(float(host[k][j])):
-                    return (f"non-finite {name}={float(host[k][j])} at step {s0 + j}{self.run_label(i)}; stopping "
-                            "(the last good checkpoint is kept; trainer.on_nonfinite=skip skips such steps)")
-        return f"non-finite training statistics by step {step}{self.run_label(i)}; stopping"
-
-    def _rows(self, step, state, due, pending, last, perf) -> list[dict]:
-        rows = {i: {"step": step} for i in due}
-        since: dict[int, list[int]] = {}
-        for i in due:
-            since.setdefault(last[i], []).append(i)
-        names = {"loss": "train/batch_loss", "grad_norm": "train/grad_norm", "update_ratio": "train/update_ratio"}
-        skip = self.cfg.trainer.on_nonfinite == "skip"
-        for s0, idx in since.items():
-            outs = [o for e, ch in pending if e > s0 for o in ch]
-            if not outs:
-                continue
-            host = jax.device_get([buf for buf, _ in outs])  # each call's buffers hold n filled steps
-            per_step = {k: np.concatenate([np.asarray(h[k], np.float64)[..., :n] for h, (_, n) in zip(host, outs,
-                                                                                                    strict=True)],
-                                          axis=-1) for k in host[0]}
-            if skip:  # means over the steps that were taken; count the skipped ones
-                took = per_step["skipped"] == 0
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    stats = {names[k]: np.sum(np.where(took, per_step[k], 0.0), -1) / np.sum(took, -1) for k in names}
-                stats["train/skipped_steps"] = np.sum(per_step["skipped"], -1)
-            else:
-                stats = {names[k]: np.mean(per_step[k], axis=-1) for k in names}
-            for i in idx:
-                for k, v in stats.items():
-                    rows[i][k] = float(np.asarray(v).reshape(-1)[i])
-                if not all(math.isfinite(rows[i][k]) for k in ("train/batch_loss", "train/grad_norm",
-                                                               "train/update_ratio")):
-                    raise NonFiniteError(self._nonfinite_message(per_step, i, s0, step, skip))
-        # a finite loss, gradient and update can still overflow the parameters they are added to: nothing
-        # (evaluators, measures, checkpoints) reads non-finite parameters
-        finite = np.asarray(self.finite_fn(state["params"])).reshape(-1)
-        for i in due:
-            if not finite[i]:
-                raise NonFiniteError(f"non-finite parameters by step {step}{self.run_label(i)}; stopping (the last "
-                                     "good checkpoint is kept; lower optim.lr or set optim.clip_norm)")
-        evals = self.evaluate_runs(state)
-        measures = self.measure_runs(state, due)
-        out = []
-        for i, ms in zip(due, measures, strict=True):
-            row = rows[i]
-            row.update(evals[i])
-            if "train/loss" not in row and "train/batch_loss" in row:
-                row["train/loss"] = row["train/batch_loss"]
-            row.update(ms)
-            if perf:
-                row.update(perf)
-            out.append(row)
-        return out
+def free_device_bytes() -> float | None:
+    """Free memory of the default device: the accelerator's allocator limit, or the host's available RAM."""
+    d = jax.devices()[0]
+    try:
+        stats = d.memory_stats()
+    except Exception:  # a backend without memory statistics raises (which type varies by backend): no limit known
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:  # no /proc (not Linux): no limit known
+        pass
+    return None

@@ -23,7 +23,7 @@ def test_train_load_look_inside_fork_replay(tmp_path):
     # params(step) are the checkpoint's, and the last one by default
     p30, p60 = run.params(30), run.params()
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), p60,
-                                                         run.state(60)["params"]))
+                                                         run.state(60).params))
     assert not np.array_equal(p30["blocks"]["1"]["attn"]["W_K"], p60["blocks"]["1"]["attn"]["W_K"])
     logits, cache = run.cache(30, ["blocks.1.attn.hook_pattern"])
     batch = run.batch()

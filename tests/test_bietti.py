@@ -70,7 +70,7 @@ def test_torch_init_has_pytorchs_scales():
     m = Transformer(ModelConfig(n_layers=2, n_heads=1, d_model=256, d_head=256, positions="frozen_random",
                                 layernorm=False, bias=False, wq_identity=True, init="torch"),
                     seq_len=256, vocab_size=65, n_outputs=65)
-    p, c = m.params(), m._consts
+    p, c = m.params(), m.consts
     assert float(jnp.std(p["embed"]["W_E"])) == pytest.approx(1.0, rel=0.05)
     assert float(jnp.std(c["pos_embed"]["W_pos"])) == pytest.approx(1.0, rel=0.05)
     wk = p["blocks"]["0"]["attn"]["W_K"]

@@ -62,7 +62,7 @@ def test_open_window_changes_loss(base):
 def test_reference_to_same_parameters_leaves_logits(base, tmp_path):
     tr0, params, batch = base
     ck = Checkpointer(tmp_path / "ref" / "checkpoints")
-    ck.save(0, tr0.init_state())
+    ck.save(0, tr0.init_run_state().saved())
     ck.close()
     tr = setup(clamps={"r": ClampConfig(site="blocks.*.attn.hook_pattern", value="reference",
                                         reference_dir=str(tmp_path / "ref"), reference_step=0)})
@@ -94,15 +94,15 @@ def test_training_steps_outside_window_equal_unclamped_and_no_recompilation():
     s_free, s_cl = free.init_state(), tr.init_state()
     s_free, _ = free.advance(s_free, 20)
     s_cl, _ = tr.advance(s_cl, 20)
-    assert leaves_equal(s_free["params"], s_cl["params"])  # before the window: identical
+    assert leaves_equal(s_free.params, s_cl.params)  # before the window: identical
     s_free, _ = free.advance(s_free, 20)
     s_cl, _ = tr.advance(s_cl, 20)
-    assert not leaves_equal(s_free["params"], s_cl["params"])  # inside: different
+    assert not leaves_equal(s_free.params, s_cl.params)  # inside: different
     # after the window closes, a step from the same state equals the unclamped step
     a, _ = free.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
     b, _ = tr.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
-    assert leaves_equal(a["params"], b["params"])
-    assert tr.scan_fn._cache_size() == 1 and tr.step_fn._cache_size() == 1  # windows are data
+    assert leaves_equal(a.params, b.params)
+    assert tr.scan_fn.cache_size() == 1 and tr.step_fn.cache_size() == 1  # windows are data
 
 
 def test_frozen_equals_reference_to_checkpoint_of_same_run(tmp_path):
@@ -111,20 +111,21 @@ def test_frozen_equals_reference_to_checkpoint_of_same_run(tmp_path):
     ck = Checkpointer(tmp_path / "run" / "checkpoints")
     state = tr.init_state()
     state, _ = tr.advance(state, 20)
-    ck.save(20, state)
+    ck.save(20, tr.run_state(state, 0).saved())
     ck.close()
     # evaluated at the step its window opens, a frozen clamp replaces the site by its own value
     free = setup()
-    ev_frozen, ev_free = tr.evaluate(state), free.evaluate(state)
+    ev_frozen, ev_free = tr.evaluate(state), free.evaluate(tr.run_state(state, 0).replace(frozen=None))
     assert ev_frozen["test/loss"] == pytest.approx(ev_free["test/loss"], rel=1e-6)
     state, _ = tr.advance(state, 15)
-    assert leaves_equal(state["frozen"]["f"], jax.device_get(Checkpointer(tmp_path / "run" / "checkpoints",
-                                                                          read_only=True).restore(20, state)["params"]))
+    state = tr.run_state(state, 0)
+    saved = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).restore(20, state.saved())
+    assert leaves_equal(state.frozen["f"], jax.device_get(saved["params"]))
     ref = setup(clamps={"r": ClampConfig(site="blocks.0.attn.hook_pattern", value="reference",
                                          reference_dir=str(tmp_path / "run"), reference_step=20)})
     batch = tr.batch_at(jax.random.PRNGKey(9), 0)
-    p = state["params"]
-    lf = tr.model.apply(p, batch, tr.clamps.hooks(p, batch, 35, state["frozen"]))
+    p = state.params
+    lf = tr.model.apply(p, batch, tr.clamps.hooks(p, batch, 35, state.frozen))
     lr = ref.model.apply(p, batch, ref.clamps.hooks(p, batch, 35))
     np.testing.assert_array_equal(np.asarray(lf), np.asarray(lr))
     assert not np.allclose(np.asarray(lf), np.asarray(tr.model.apply(p, batch)))

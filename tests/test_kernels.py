@@ -41,7 +41,7 @@ CASES = {
 def test_kernel_values_and_gradients(name, vmapped):
     fast, plain, shapes = CASES[name]
     xs = arrays(*shapes)
-    if vmapped:  # three runs' worth of every argument, as BatchTrainer's vmap sees them
+    if vmapped:  # three runs' worth of every argument, as the trainer's vmap over runs sees them
         xs = [jnp.stack([x, 2 * x + 1, -x]) for x in xs]
         fast, plain = jax.vmap(fast), jax.vmap(plain)
     cot = jax.random.normal(jax.random.PRNGKey(9), plain(*xs).shape)

@@ -17,15 +17,15 @@ import pytest
 from lab import cli
 from lab.checkpoint import Checkpointer
 from lab.config import load_config
+from lab.loop import NonFiniteError
 from lab.run import train_run
 from lab.tracking import read_metrics
-from lab.trainer import NonFiniteError
 from tests.conftest import ROOT, TINY, lab_cmd
 
 
 def _final_params(run_dir: Path):
     from lab.config import from_yaml
-    from lab.replay import restore_state
+    from lab.rundir import restore_state
     from lab.trainer import Trainer
 
     step = Checkpointer(run_dir / "checkpoints", read_only=True).steps()[-1]
@@ -125,7 +125,8 @@ def test_wandb_that_cannot_start_online_falls_back_to_offline(tiny, tmp_path, mo
 
 
 def test_a_second_writer_is_refused(tiny, tmp_path):
-    from lab.run import lock_run_dir, unlock_run_dir
+    from lab.rundir import lock as lock_run_dir
+    from lab.rundir import unlock as unlock_run_dir
 
     ov = tiny + [f"run.dir={tmp_path / 'r'}", "trainer.steps=20"]
     cfg, node = load_config(ov)

@@ -36,7 +36,7 @@ def parent(tmp_path_factory):
     train_run(cfg, node, quiet=True, overrides=overrides)
     from lab.trainer import Trainer
 
-    return d, Trainer(cfg).init_state()
+    return d, Trainer(cfg).init_run_state().saved()
 
 
 @pytest.mark.parametrize("last", [15, 0])

@@ -6,15 +6,17 @@ import pytest
 
 from lab.checkpoint import Checkpointer
 from lab.config import load_config
+from lab.loop import Sink, drive, schedule
 from lab.optim import OptimConfig, make_optimizer
-from lab.trainer import Trainer, schedule
+from lab.state import TrainState
+from lab.trainer import Trainer, masked_nll
 
 
 def run(overrides, save=None):
     cfg, _ = load_config(overrides)
     tr = Trainer(cfg)
     rows = []
-    state = tr.fit(tr.init_state(), log=rows.append, save=save)
+    state = drive(tr, tr.init_state(), [Sink(cfg.cadence, log=rows.append, save=save)])
     return tr, state, rows
 
 
@@ -40,9 +42,10 @@ def test_scan_chunks_equal_single_steps(tiny):
     one program whose length is data."""
     _, s1, _ = run(tiny + ["trainer.steps_per_call=1"])
     tr, s2, _ = run(tiny + ["trainer.steps_per_call=7"])
-    assert tr.scan_fn._cache_size() == 1 and tr.run_fn._cache_size() == 1
-    assert 1 <= tr.eval_fn._cache_size() <= len(tr.task.evals)  # one program per evaluation set's shapes
-    for a, b in zip(jax.tree_util.tree_leaves(s1["params"]), jax.tree_util.tree_leaves(s2["params"]), strict=True):
+    assert tr.scan_fn.cache_size() == 1 and tr.run_fn.cache_size() == 1
+    # one evaluation program per evaluation set's shapes
+    assert 1 <= sum(f.cache_size() for f in tr._eval_fns.values()) <= len(tr.task.evals)
+    for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
@@ -51,15 +54,15 @@ def test_checkpoint_restores_params_and_optimizer_state(tiny, tmp_path):
     ck = Checkpointer(tmp_path / "ck")
 
     def save(step, state):
-        ck.save(step, state, {"note": "test"})
-        saved[step] = jax.device_get(state)
+        ck.save(step, state.saved(), {"note": "test"})
+        saved[step] = jax.device_get(state.saved())
 
     tr, state, _ = run(tiny, save=save)
     ck.close()
     assert sorted(saved) == [0, 30, 60]
     ck2 = Checkpointer(tmp_path / "ck", read_only=True)
     assert ck2.steps() == [0, 30, 60]
-    like = tr.init_state()
+    like = tr.init_run_state().saved()
     for step in (30, 60):
         got = ck2.restore(step, like)
         a, b = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(saved[step])
@@ -68,8 +71,9 @@ def test_checkpoint_restores_params_and_optimizer_state(tiny, tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert ck2.restore_config(60) == {"note": "test"}
     # training on from the step-30 checkpoint reproduces the step-60 state exactly
-    resumed = tr.fit(ck2.restore(30, like))
-    for x, y in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(saved[60]), strict=True):
+    resumed = drive(tr, tr.stack([TrainState.from_saved(ck2.restore(30, like))]), [Sink(tr.cfg.cadence)])
+    for x, y in zip(jax.tree_util.tree_leaves(tr.run_state(resumed, 0).saved()),
+                    jax.tree_util.tree_leaves(saved[60]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -105,8 +109,6 @@ def test_paper_experiments_compose_and_build(exp):
 def test_classification_loss_read_out_at_the_query_equals_the_full_forward():
     """The training loss of a classification task computes the MLP head only at the query; it must
     equal the loss of the full forward pass, gradients included."""
-    from lab.trainer import masked_nll
-
     cfg, _ = load_config(["experiment=reddy_bursty", "tracking.wandb.mode=disabled", "task.K=64", "task.N=4",
                           "model.mlp_head=16", "measures.names=[none]", "task.eval_size=20"])
     tr = Trainer(cfg)
@@ -132,16 +134,17 @@ def test_frozen_parameters_get_no_gradient_and_the_rest_their_full_one(tiny):
 
     cfg, _ = load_config(tiny + ["model.freeze=[blocks.0.attn.W_V,unembed.*]"])
     tr = Trainer(cfg)
-    state = tr.init_state()
-    params0 = jax.device_get(state["params"])
-    batch = jax.jit(tr.batch_at)(state["key"], 0)
-    full = jax.jit(jax.grad(tr.loss))(state["params"], batch)  # every parameter differentiated
+    state = tr.init_run_state()
+    params0 = jax.device_get(state.params)
+    batch = jax.jit(tr.batch_at)(state.key, 0)
+    full = jax.jit(jax.grad(tr.loss))(state.params, batch)  # every parameter differentiated
     trainable = jax.tree_util.tree_map(lambda g, f: g * 0 if f else g, full, tr.frozen)
     assert float(optax.global_norm(full)) > float(optax.global_norm(trainable)) > 0
-    new, out = tr.step_fn(state)
-    np.testing.assert_allclose(float(out["grad_norm"]), float(optax.global_norm(trainable)), rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(new["params"]["unembed"]["W_U"]), params0["unembed"]["W_U"])
-    np.testing.assert_array_equal(np.asarray(new["params"]["blocks"]["0"]["attn"]["W_V"]),
+    new, out = tr.step_fn(tr.stack([state]))
+    new = tr.run_state(new, 0)
+    np.testing.assert_allclose(float(out["grad_norm"][0]), float(optax.global_norm(trainable)), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(new.params["unembed"]["W_U"]), params0["unembed"]["W_U"])
+    np.testing.assert_array_equal(np.asarray(new.params["blocks"]["0"]["attn"]["W_V"]),
                                   params0["blocks"]["0"]["attn"]["W_V"])
     w_k = params0["blocks"]["0"]["attn"]["W_K"]
-    assert not np.array_equal(np.asarray(new["params"]["blocks"]["0"]["attn"]["W_K"]), w_k)
+    assert not np.array_equal(np.asarray(new.params["blocks"]["0"]["attn"]["W_K"]), w_k)

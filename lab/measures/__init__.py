@@ -171,6 +171,6 @@ class Measures:
         if "memory_recall" in self.names:
             cfg = self.task.cfg  # the authors' wk1 runs over the fixed triggers when they are fixed
             trig = self.task.frequent_triggers if getattr(cfg, "trigger_mode", None) == "frequent" else None
-            row.update(circuits.memory_recall(host, self.model._consts, self.task.n_outputs,
+            row.update(circuits.memory_recall(host, self.model.consts, self.task.n_outputs,
                                               triggers=None if trig is None else np.asarray(trig)))
         return row

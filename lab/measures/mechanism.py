@@ -145,7 +145,7 @@ def summarise(cs: CircuitSummary, params, metrics: dict | None = None) -> dict:
     prv = max(earlier, key=lambda lh: prev[lh])
     prevs = sorted((lh for lh in earlier if prev[lh] >= PREV_TOKEN_MIN), key=lambda lh: -prev[lh]) or [prv]
     host = jax.device_get(params)
-    kc = k_composition(host, cs.model._consts, prv, ind) if prv[0] < ind[0] else None
+    kc = k_composition(host, cs.model.consts, prv, ind) if prv[0] < ind[0] else None
     intact = cs.ablated(params, [])
     single = {head_name(*lh): cs.ablated(params, [lh]) - intact for lh in dict.fromkeys(inds + prevs)}
     abl_inds = cs.ablated(params, inds) - intact
