@@ -35,6 +35,7 @@ Value sources (docs/science.md §3):
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 
 import jax
@@ -43,6 +44,7 @@ import numpy as np
 
 from lab.errors import LabError, check
 from lab.hooks import Hooks
+from lab.measures.attention import induction_targets
 
 VALUES = ("zero", "constant", "mean", "previous_embed", "previous_token", "induction", "uniform", "self", "first",
           "ablate", "perfect_copy", "reference", "frozen")
@@ -219,8 +221,6 @@ def ideal_pattern(kind: str, batch: dict, task, t: int, strength: float = 1.0) -
         isq[list(task.query_positions)] = True
         w = jnp.where(jnp.asarray(isq)[None, :, None], row[:, None, :], 0.0)
     else:
-        from lab.measures.attention import induction_targets
-
         w = induction_targets(batch["tokens"])  # the token after an earlier occurrence of the current one
     w, ok = _normalise(w)
     return w[:, None], ok[:, None, :, None]
@@ -408,8 +408,6 @@ def _site_shapes(model, task) -> dict[str, tuple]:
 
 def _site_summary(names: list[str]) -> list[str]:
     """Site names with layer numbers folded into a range, to keep error lines short."""
-    import re
-
     seen, out = set(), []
     layers = sorted({int(m.group(1)) for n in names if (m := re.match(r"blocks\.(\d+)\.", n))})
     for n in names:

@@ -21,6 +21,10 @@ import sys
 
 from lab.errors import LabError
 
+# Each subcommand imports what it needs inside its function, on purpose: `lab --help`, a usage error or
+# `lab config` answer without importing JAX, orbax and wandb (seconds on a small machine). No import here
+# dodges a cycle; lab's modules import each other at module level.
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage text."""

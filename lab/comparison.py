@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from lab.errors import LabError
 from lab.measures.phase import detect_transitions, first_crossing
+from lab.plots import plt
 from lab.tracking import read_metrics
 
 
@@ -112,8 +114,6 @@ def phase_table(groups: dict[str, list[dict]], metric: str, x: str, threshold: f
 
 
 def plot_metric(groups, metric: str, x: str, path: Path, hlines: dict | None = None) -> None:
-    from lab.plots import plt
-
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (label, group) in enumerate(groups.items()):
         a = aligned(group, metric, x)
@@ -210,8 +210,6 @@ def show(run_dir: str | Path) -> str:
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise LabError(f"run_dir={run_dir}: not a run directory (no config.yaml)")
-    import yaml
-
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     s = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     m, t, o = cfg["model"], cfg["task"], cfg["optim"]

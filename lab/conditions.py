@@ -7,8 +7,15 @@ puts them side by side from the directories alone.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
+
+from lab.batch import train_batch
+from lab.clamp import ClampConfig
+from lab.config import load_config
+from lab.errors import LabError
+from lab.run import train_run
 
 # Singh et al. 2024, Fig. 5b, as the authors ran it (ih_paper_runs.sh): each condition's clamp presets. Where
 # they keep one active layer-1 head (L1H3), `single_head` ablates the others (--opto_ablate_heads $REST_HEADS).
@@ -28,12 +35,6 @@ def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,)
 
     ``batched``: each condition's seeds train as one vmapped program (lab.batch), into the same
     ``root/<condition>-s<seed>`` directories, each written as if its run had trained alone."""
-    import shutil
-
-    from lab.batch import train_batch
-    from lab.config import load_config
-    from lab.run import train_run
-
     root = Path(root)
     out: dict[str, list[Path]] = {}
     for label, extra in conditions.items():
@@ -73,10 +74,6 @@ def probe_overrides(probes: dict[str, str], base: list[str]) -> list[str]:
     (Singh's progress measure by clamp), so a probe is defined once, by its preset in configs/clamp/.
     ``probes``: {probe name: preset}; each preset must hold one clamp (a probe is one clamp added to the
     run's own). ``base``: the run's overrides (the preset is composed against the same experiment)."""
-    from lab.clamp import ClampConfig
-    from lab.config import load_config
-    from lab.errors import LabError
-
     default = asdict(ClampConfig())
     out = []
     for name, preset in probes.items():

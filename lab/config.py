@@ -8,13 +8,16 @@ raises ``LabError`` with one line naming the field, the value and what is allowe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lab.checkpoint import CheckpointConfig
@@ -95,7 +98,7 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     """Hydra/OmegaConf errors span several lines; keep the message and the key it names."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     key = getattr(e, "full_key", None)
@@ -154,16 +157,13 @@ def hydra_message(msg: str) -> str:
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The composed config as an OmegaConf node (schemas checked, values not yet)."""
-    import hydra
-    from hydra.core.global_hydra import GlobalHydra
-
     _check_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="lab"):
             cfg = hydra.compose(config_name="config", overrides=list(overrides))
     except Exception as e:  # hydra and omegaconf raise several types; all are bad input here
-        raise LabError(hydra_message(_one_line(e))) from e
+        raise LabError(hydra_message(one_line(e))) from e
     finally:
         GlobalHydra.instance().clear()
     return cfg
@@ -183,8 +183,6 @@ def _refuse_targets(node, path: str = "") -> None:
 def _refuse_unknown(node, path: str = "") -> None:
     """A field that its schema lacks. Hydra lets `+trainer.stepz=10` add one, and converting to the dataclass
     would then drop it silently; dict-typed fields (clamps, task_values, measures.clamps) take any name."""
-    import dataclasses
-
     cls = OmegaConf.get_type(node)
     if not (isinstance(node, DictConfig) and dataclasses.is_dataclass(cls)):
         return
@@ -203,7 +201,7 @@ def to_config(node: DictConfig, validate: bool = True) -> Config:
     try:
         cfg = OmegaConf.to_object(node)
     except Exception as e:
-        raise LabError(_one_line(e)) from e
+        raise LabError(one_line(e)) from e
     if not isinstance(cfg, Config):
         raise LabError("config: not a lab config (missing the lab_schema default)")
     cfg.clamps = {str(name): _clamp_config(str(name), spec) for name, spec in (cfg.clamps or {}).items()}
@@ -219,8 +217,6 @@ def to_config(node: DictConfig, validate: bool = True) -> Config:
 
 def _clamp_config(name: str, spec) -> ClampConfig:
     """A clamp given as a mapping, checked field by field against ClampConfig."""
-    import dataclasses
-
     if isinstance(spec, ClampConfig):
         return spec
     if not isinstance(spec, dict):
@@ -232,7 +228,7 @@ def _clamp_config(name: str, spec) -> ClampConfig:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClampConfig), spec))
     except Exception as e:
-        raise LabError(f"clamps.{name}.{_one_line(e)}") from e
+        raise LabError(f"clamps.{name}.{one_line(e)}") from e
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, DictConfig]:
@@ -254,5 +250,5 @@ def from_yaml(path: str | Path) -> tuple[Config, DictConfig]:
     except LabError:
         raise
     except Exception as e:
-        raise LabError(f"{path}: {_one_line(e)}") from e
+        raise LabError(f"{path}: {one_line(e)}") from e
     return to_config(node), node

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import optax
 
 from lab.errors import check
@@ -87,8 +88,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, frozen_mask=None, lr=None
     if cfg.clip_norm:
         base = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), base)
     if frozen_mask is not None:
-        import jax
-
         labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "train", frozen_mask)
         base = optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)
     return base

@@ -7,6 +7,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import textwrap
+
 import matplotlib.pyplot as plt  # noqa: E402
 
 
@@ -41,8 +43,6 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
                           fontsize=9)
     fig.suptitle(title)
     if note:
-        import textwrap
-
         fig.text(0.5, 0.01, "\n".join(textwrap.wrap(note, 180)[:3]), ha="center", va="bottom", fontsize=8,
                  color="tab:green" if note.startswith("induction circuit") else "tab:red")
     # fixed margins: tight_layout draws the figure once more to measure it, as long as the savefig itself

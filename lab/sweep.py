@@ -23,10 +23,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lab.config import config_dir
+from lab.batch import is_batch, train_batch
+from lab.config import compose, config_dir, one_line, to_config
 from lab.errors import LabError
+from lab.replay import resume_run
+from lab.run import train_run
 
 INDEX = "sweep.json"
 
@@ -57,7 +62,7 @@ def update_index(sweep_dir: Path, job: int, **fields) -> None:
         tmp.replace(sweep_dir / INDEX)
 
 
-def _one_line(e: BaseException) -> str:
+def failure_line(e: BaseException) -> str:
     msg = (str(e).strip().splitlines() or [""])[0]
     return msg if isinstance(e, LabError) else f"{type(e).__name__}: {msg}"
 
@@ -65,13 +70,6 @@ def _one_line(e: BaseException) -> str:
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _job(node: DictConfig) -> str:
     """One job of a sweep: train (or resume, or skip) its run and record the outcome in the index."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from lab.batch import is_batch, train_batch
-    from lab.config import to_config
-    from lab.replay import resume_run
-    from lab.run import train_run
-
     hc = HydraConfig.get()
     sweep_dir, job = Path(hc.sweep.dir), int(hc.job.num)
     run_dir = sweep_dir / str(job)
@@ -106,8 +104,8 @@ def _job(node: DictConfig) -> str:
     except BaseException as e:  # noqa: BLE001 - a failed job is recorded; the sweep goes on
         if isinstance(e, KeyboardInterrupt):
             raise
-        update_index(sweep_dir, job, status="failed", reason=_one_line(e), **entry)
-        print(f"job {job} failed: {_one_line(e)}", file=sys.stderr)
+        update_index(sweep_dir, job, status="failed", reason=failure_line(e), **entry)
+        print(f"job {job} failed: {failure_line(e)}", file=sys.stderr)
         return "failed"
     update_index(sweep_dir, job, status="done", reason=None, **entry)
     return "done"
@@ -133,11 +131,6 @@ def check_jobs(overrides: list[str]) -> None:
     directory, instead of hydra's multi-line one after it wrote multirun.yaml. Values are checked by each
     job, as before: a job whose input is missing or out of range fails alone, recorded in sweep.json, and
     a rerun retries it. Interval sweeps (no list of values) and hydra's own keys are left to hydra."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from lab.config import _one_line as one_line
-    from lab.config import compose, to_config
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # hydra's grammar errors span lines

@@ -7,6 +7,7 @@ must never break a run: if it cannot start, the lab warns once and keeps logging
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -134,6 +135,4 @@ def _first_line(e: Exception) -> str:
 
 def _wandb_id(run_dir: Path) -> str:
     """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
-    import hashlib
-
     return hashlib.sha1(str(Path(run_dir).absolute()).encode()).hexdigest()[:16]

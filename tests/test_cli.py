@@ -103,7 +103,7 @@ def test_hydra_wording_is_what_hydra_message_reads(override, raw, lab_line):
     import hydra
     from hydra.core.global_hydra import GlobalHydra
 
-    from lab.config import _one_line, config_dir, hydra_message
+    from lab.config import one_line, config_dir, hydra_message
 
     GlobalHydra.instance().clear()
     try:
@@ -112,6 +112,6 @@ def test_hydra_wording_is_what_hydra_message_reads(override, raw, lab_line):
                 hydra.compose(config_name="config", overrides=[override])
     finally:
         GlobalHydra.instance().clear()
-    one = _one_line(info.value)
+    one = one_line(info.value)
     assert raw in one
     assert hydra_message(one).startswith(lab_line)

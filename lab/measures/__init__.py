@@ -18,7 +18,9 @@ import numpy as np
 from lab.errors import check
 from lab.measures import attention as att
 from lab.measures import circuits
+from lab.measures.llc import estimate_llc
 from lab.tasks.base import vmap_sequences
+from lab.tasks.repeat import copy_layout, length_table
 
 # name -> (function of (pattern, batch, task) -> [head], needs token inputs, needs a classification task)
 ATTENTION = {
@@ -96,8 +98,6 @@ def repeated_probe(key, n: int, t: int, vocab: int, bos: int | None = None) -> d
     The layout varies per sequence so that no fixed offset coincides with the induction target: with
     the second half repeating the first, a head that attends t/2 - 1 back by position alone would score
     as an induction head (the old repeat task's layer-0 heads did)."""
-    from lab.tasks.repeat import copy_layout, length_table
-
     body = t - 1 if bos is not None else t
     table = length_table(list(range(2, max(2, body // 2) + 1)), body // 2 + 1)
     draws = {"tokens": (max(vocab, body),), "length": (), "bars": (body + 2,)}
@@ -124,8 +124,6 @@ class Measures:
         self.fn = jax.jit(self._attention)
         self.llc_fn = None
         if "llc" in self.names and loss_fn is not None:
-            from lab.measures.llc import estimate_llc
-
             def llc(params):
                 return estimate_llc(loss_fn, params, lambda k: task.sample(k, batch_size),
                                     jax.random.PRNGKey(cfg.llc_seed), steps=cfg.llc_steps, eps=cfg.llc_eps,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+from lab.model import merge_consts
 
 
 def eigen_share(m: np.ndarray) -> float:
@@ -73,8 +76,6 @@ def composition_scores(params: dict) -> dict[str, float]:
 
 def param_norms(params: dict) -> dict[str, float]:
     """Frobenius norm per module: embed, pos_embed, blocks.{l}.attn, blocks.{l}.ln1, ln_final, mlp, unembed."""
-    import jax
-
     out = {}
 
     def norm(tree):
@@ -105,8 +106,6 @@ def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_
       highest among the keys of positions 0 .. T-2, unmasked, as theirs (the previous-token memory);
       ``wk0_64``: the same over the first ``wk0_cutoff`` positions.
     """
-    from lab.model import merge_consts
-
     p = merge_consts(params, consts)
     if "0" not in p["blocks"] or "1" not in p["blocks"]:
         return {}

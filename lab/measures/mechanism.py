@@ -35,7 +35,9 @@ import numpy as np
 
 from lab.hooks import Hooks
 from lab.measures import attention as att
+from lab.measures import repeated_probe
 from lab.measures.circuits import ov_matrix
+from lab.model import merge_consts
 
 PREV_TOKEN_MIN = 0.3  # previous-token score of a previous-token head (uniform attention over 16 keys: ~0.06)
 PREFIX_MATCHING_MIN = 0.3  # prefix-matching score of an induction head
@@ -49,8 +51,6 @@ def head_name(layer: int, head: int) -> str:
 
 def k_composition(params: dict, consts: dict, prev: tuple[int, int], ind: tuple[int, int]) -> float:
     """How much of the previous-token head's output the induction head's keys read (0..1)."""
-    from lab.model import merge_consts
-
     p = merge_consts(params, consts)
     ov = ov_matrix(p, consts, *prev)  # [d, d]
     wk = np.asarray(p["blocks"][str(ind[0])]["attn"]["W_K"][ind[1]])  # [d, d_head]
@@ -73,8 +73,6 @@ class CircuitSummary:
     """The circuit summary of one model on one task; ``__call__(params)`` gives a dict (see ``summarise``)."""
 
     def __init__(self, model, task):
-        from lab.measures import repeated_probe
-
         self.model, self.task = model, task
         self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
         self.metric = task.mechanism_metric

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from omegaconf import DictConfig, OmegaConf
+
 from lab.errors import ConfigError
 from lab.tasks.base import Batch, Task, TaskConfig
 from lab.tasks.bigram import BigramConfig, BigramTask
@@ -24,13 +26,8 @@ TASKS: dict[str, tuple[type[TaskConfig], type[Task]]] = {
 
 def _to_plain(cfg):
     """A dataclass instance or a plain dict from a config (dataclass, mapping or OmegaConf node)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_object(cfg)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_object(cfg)
     return cfg
 
 
