@@ -19,6 +19,10 @@ Their step i is logged after i + 1 updates; the table counts updates for both.
 
 Run:  .venv/bin/python bench/bietti_side_by_side.py --tb PATH/transformer-birth --python PATH/venv/bin/python
       .venv/bin/python bench/bietti_side_by_side.py --tb ... --python ... --steps 300 --every 10
+      .venv/bin/python bench/bietti_side_by_side.py --tb ... --python ... --reuse   # compare what --out holds
+
+``--reuse`` trains nothing: it reads --out/authors/res.jsonl and --out/lab/metrics.jsonl as far as each got (an
+interrupted run included; the lab's run can be `lab train ... run.dir=OUT/lab`) and compares their common prefix.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ def run_authors(tb: Path, python: str, steps: int, every: int, seed: int, out: P
     return {r["iter"] + 1: {k: r[k] for k in PAIRS} for r in rows if "iter" in r}
 
 
+def read_authors(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "authors" / "res.jsonl").read_text().splitlines() if line.strip()]
+    return {r["iter"] + 1: {k: r[k] for k in PAIRS} for r in rows if "iter" in r}
+
+
+def read_lab(out: Path) -> dict[int, dict]:
+    from lab.tracking import read_metrics
+
+    rows = read_metrics(out / "lab" / "metrics.jsonl")
+    return {int(r["step"]): {k: r.get(m) for k, m in PAIRS.items()} for r in rows if PAIRS["acc_end_test"] in r}
+
+
 def run_lab(tb: Path, steps: int, every: int, seed: int, out: Path) -> dict[int, dict]:
     from lab.comparison import load, series
     from lab.conditions import run_conditions
@@ -79,18 +95,26 @@ def main():
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--their-sampler", action="store_true", help="keep their per-token sampler (slow)")
+    ap.add_argument("--reuse", action="store_true", help="train nothing: compare the runs --out already holds")
     ap.add_argument("--out", type=Path, default=Path("runs/bietti_side_by_side"))
     args = ap.parse_args()
     if not (args.tb / "ihead_basic_main.py").is_file() or not (args.tb / "data" / "meta.pkl").is_file():
         ap.error(f"--tb={args.tb}: not a transformer-birth working tree (ihead_basic_main.py, data/meta.pkl)")
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    theirs = run_authors(args.tb.absolute(), args.python, args.steps, args.every, args.seed, args.out.absolute(),
-                         fast=not args.their_sampler)
-    t_theirs = time.time() - t0
-    ours = run_lab(args.tb.absolute(), args.steps, args.every, args.seed, args.out)
-    t_ours = time.time() - t0 - t_theirs
-    print(f"authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s ({args.steps} steps each)", file=sys.stderr)
+    if args.reuse:
+        theirs, ours = read_authors(args.out), read_lab(args.out)
+        common = min(max(theirs), max(ours))
+        theirs = {s: v for s, v in theirs.items() if s <= common}
+        ours = {s: v for s, v in ours.items() if s <= common}
+        args.steps, t_theirs, t_ours = common, float("nan"), float("nan")
+    else:
+        t0 = time.time()
+        theirs = run_authors(args.tb.absolute(), args.python, args.steps, args.every, args.seed, args.out.absolute(),
+                             fast=not args.their_sampler)
+        t_theirs = time.time() - t0
+        ours = run_lab(args.tb.absolute(), args.steps, args.every, args.seed, args.out)
+        t_ours = time.time() - t0 - t_theirs
+        print(f"authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s ({args.steps} steps each)", file=sys.stderr)
 
     import matplotlib
 
@@ -111,8 +135,9 @@ def main():
 
     fmt = lambda v: "never" if v is None else f"{v:,}"  # noqa: E731
     last = lambda c, k: c[max(c)][k]  # noqa: E731
+    took = ("" if args.reuse else f"; authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s on this machine")
     lines = [f"{args.steps:,} steps of batch 512 x 256, the README setting, tiny Shakespeare's laws; seed {args.seed} "
-             f"each; authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s on this machine", "",
+             f"each{took}", "",
              "| measure | lab: first step >= 0.5 | authors | lab: >= 0.9 | authors | lab: final | authors: final |",
              "|---|---|---|---|---|---|---|"]
     for k in PAIRS:

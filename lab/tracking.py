@@ -104,7 +104,7 @@ class Tracker:
         if self.run is not None:
             try:
                 self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-            except Exception as e:
+            except Exception as e:  # wandb must never stop a run; the row is in metrics.jsonl already
                 print(f"warning: wandb log failed ({e}); continuing", file=sys.stderr)
                 self.run = None
 
@@ -124,7 +124,7 @@ class Tracker:
         if self.run is not None:
             try:
                 self.run.finish()
-            except Exception as e:
+            except Exception as e:  # wandb must never stop a run; its offline files stay for `wandb sync`
                 print(f"warning: wandb finish failed ({e})", file=sys.stderr)
             self.run = None
 
