@@ -19,7 +19,7 @@ from lab.errors import LabError
 from lab.measures.mechanism import CircuitSummary, flat
 from lab.run import RunSink, execute
 from lab.rundir import check_run_dir, complete_steps, load_run_config, restore_state, run_overrides
-from lab.tracking import Tracker, read_metrics
+from lab.tracking import Tracker, read_metrics, wandb_id
 from lab.trainer import Trainer
 
 
@@ -125,8 +125,11 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
         circuit = CircuitSummary(trainer.model, trainer.task)
     out = run_dir / out_name
     out.unlink(missing_ok=True)
-    tracker = Tracker(run_dir, cfg.tracking, OmegaConf.to_container(node, resolve=True), name=f"{run_dir.name}-replay",
-                      group=cfg.experiment, job_type="replay", metrics_file=out_name, wandb_id_suffix="replay")
+    replayed = {"replay_of": {"run_dir": str(run_dir.absolute()), "wandb_id": wandb_id(run_dir), "steps": want}}
+    tracker = Tracker(run_dir, cfg.tracking, {**OmegaConf.to_container(node, resolve=True), **replayed},
+                      name=f"{run_dir.name}-replay",
+                      group=cfg.experiment, job_type="replay", metrics_file=out_name, wandb_id_suffix="replay",
+                      sequences_per_step=cfg.trainer.batch_size)
     it = want
     if not quiet:
         it = tqdm(want, desc="replay", unit="ckpt", file=sys.stderr)

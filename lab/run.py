@@ -26,11 +26,12 @@ from lab.checkpoint import Checkpointer
 from lab.config import Config
 from lab.loop import Sink, drive
 from lab.measures.mechanism import CircuitSummary, flat
-from lab.measures.phase import detect_transitions, first_crossing
+from lab.measures.phase import detect_transitions, first_crossing, main_transition
+from lab.measures.phase import flat as phase_flat
 from lab.plots import plot_curves
 from lab.state import TrainState
 from lab.tasks import make_task
-from lab.tracking import Tracker, read_metrics
+from lab.tracking import Tracker, read_metrics, wandb_id
 from lab.trainer import Trainer
 
 
@@ -70,8 +71,13 @@ class RunSink(Sink):
         self.dir, self.cfg, self.condition = Path(run_dir), cfg, condition
         self.config = OmegaConf.to_container(node, resolve=True)
         rundir.lock(self.dir)
-        self.tracker = Tracker(self.dir, cfg.tracking, self.config, name=self.dir.name, group=cfg.experiment,
-                               job_type=condition, resume=resume)
+        parent = rundir.provenance(self.dir).get("parent")
+        lineage = {} if not parent else {"parent": {  # a fork names the run and checkpoint it started from
+            "run_dir": parent["run_dir"], "step": parent["step"], "wandb_id": wandb_id(Path(parent["run_dir"])),
+            "overrides": parent.get("overrides", [])}}
+        self.tracker = Tracker(self.dir, cfg.tracking, {**self.config, **lineage}, name=self.dir.name,
+                               group=cfg.experiment, job_type=condition, resume=resume,
+                               sequences_per_step=cfg.trainer.batch_size)
         self.checkpointer = Checkpointer(self.dir / "checkpoints", cfg.checkpoint)
 
     def log(self, row: dict) -> None:
@@ -112,7 +118,11 @@ class RunSink(Sink):
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(rows, self.dir / "curves.png", title=f"{c.experiment} ({c.task.name}, seed {c.seed})",
                     watch=watch, transitions=phase["transitions"], note=circuit and circuit["line"])
-        self.tracker.summary({"wall_time_s": wall, "steps_per_sec": summary["steps_per_sec"],
+        # the wandb summary holds summary.json's essentials, so the UI can tabulate "condition -> phase-change
+        # step" over runs (the last value of every logged metric is there already)
+        self.tracker.summary({"experiment": c.experiment, "condition": self.condition, "seed": c.seed,
+                              "sequences_seen": c.trainer.steps * c.trainer.batch_size, "wall_time_s": wall,
+                              "steps_per_sec": summary["steps_per_sec"], **phase_flat(phase),
                               **(circuit_flat(circuit) if circuit else {})})
         return summary
 
@@ -201,7 +211,7 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     ph = summary["phase"]
     ts = ph["transitions"]
     if ts:
-        big = max(ts, key=lambda t: abs(t["after"] - t["before"]))
+        big = main_transition(ts)
         lines.append(f"transition in {ph['metric']}: {big['before']:.3f} -> {big['after']:.3f}, "
                      f"onset step {big['onset']:.0f}, midpoint {big['mid']:.0f}, end {big['end']:.0f}")
     else:

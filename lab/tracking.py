@@ -68,20 +68,26 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class Tracker:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to wandb."""
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to wandb.
+
+    In wandb each row is logged at its training step and with ``sequences_seen`` (step x
+    ``sequences_per_step``), the x-axis every metric is defined against (``define_metric``), so runs with
+    different batch sizes line up in the UI; "Step" stays selectable."""
 
     def __init__(self, run_dir: Path, cfg: TrackingConfig, config: dict, name: str, group: str,
-                 job_type: str, resume: bool = False, metrics_file: str = "metrics.jsonl", wandb_id_suffix: str = ""):
+                 job_type: str, resume: bool = False, metrics_file: str = "metrics.jsonl", wandb_id_suffix: str = "",
+                 sequences_per_step: int | None = None):
         self.path = Path(run_dir) / metrics_file
         self._file = open(self.path, "a")
         self.run = None
+        self.sequences_per_step = sequences_per_step
         wb = cfg.wandb
         if wb.mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         kwargs = dict(dir=str(run_dir), project=wb.project, entity=wb.entity, group=wb.group or group,
                       job_type=wb.job_type or job_type, tags=list(wb.tags), name=name, config=config,
-                      id=_wandb_id(run_dir) + wandb_id_suffix, resume="allow" if resume else None,
+                      id=wandb_id(run_dir) + wandb_id_suffix, resume="allow" if resume else None,
                       reinit="create_new")  # batched runs open several wandb runs in one process
         modes = [wb.mode] + (["offline"] if wb.mode == "online" else [])
         for mode in modes:  # online that cannot start (no key, no network, no service) falls back to offline
@@ -90,6 +96,9 @@ class Tracker:
 
                 settings = wandb.Settings(console="off", quiet=True, init_timeout=wb.init_timeout)
                 self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+                if sequences_per_step:
+                    self.run.define_metric("sequences_seen")
+                    self.run.define_metric("*", step_metric="sequences_seen")
                 break
             except Exception as e:  # wandb must never stop a run
                 then = "logging offline" if mode == "online" else "logging to metrics.jsonl only"
@@ -103,7 +112,9 @@ class Tracker:
         self._file.flush()
         if self.run is not None:
             try:
-                self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+                extra = ({"sequences_seen": int(row["step"]) * self.sequences_per_step} if self.sequences_per_step
+                         else {})
+                self.run.log({**{k: v for k, v in row.items() if k != "step"}, **extra}, step=int(row["step"]))
             except Exception as e:  # wandb must never stop a run; the row is in metrics.jsonl already
                 print(f"warning: wandb log failed ({e}); continuing", file=sys.stderr)
                 self.run = None
@@ -133,6 +144,6 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-def _wandb_id(run_dir: Path) -> str:
+def wandb_id(run_dir: Path) -> str:
     """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
     return hashlib.sha1(str(Path(run_dir).absolute()).encode()).hexdigest()[:16]

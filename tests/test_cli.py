@@ -103,7 +103,7 @@ def test_hydra_wording_is_what_hydra_message_reads(override, raw, lab_line):
     import hydra
     from hydra.core.global_hydra import GlobalHydra
 
-    from lab.config import one_line, config_dir, hydra_message
+    from lab.config import config_dir, hydra_message, one_line
 
     GlobalHydra.instance().clear()
     try:

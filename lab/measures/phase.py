@@ -110,3 +110,31 @@ def first_crossing(steps, values, threshold: float, below: bool = True) -> float
         if v is not None and np.isfinite(v) and ((v < threshold) if below else (v > threshold)):
             return float(s)
     return None
+
+
+def main_transition(transitions: list[dict]) -> dict | None:
+    """The transition with the largest change (the phase change a run is about), or None."""
+    return max(transitions, key=lambda t: abs(t["after"] - t["before"])) if transitions else None
+
+
+TRANSITION_FIELDS = ("onset", "mid", "end", "steepest", "before", "after")
+
+
+def flat(phase: dict, prefix: str = "phase/") -> dict:
+    """A run's phase summary (summary.json's ``phase``) as flat scalars for a wandb summary: the watched metric,
+    the number of transitions, the main one's fields as ``phase/onset`` ... ``phase/after``, every one's as
+    ``phase/<i>/<field>`` (in order of step), and the threshold and first step below it where set. A key whose
+    value does not exist (no transition, never below) is left out rather than given a placeholder, so a wandb
+    table of runs can average each column over the runs that have it."""
+    ts = phase.get("transitions", [])
+    out = {f"{prefix}metric": phase["metric"], f"{prefix}transitions": len(ts)}
+    main = main_transition(ts)
+    if main is not None:
+        out.update({f"{prefix}{k}": float(main[k]) for k in TRANSITION_FIELDS})
+    for i, t in enumerate(ts):
+        out.update({f"{prefix}{i}/{k}": float(t[k]) for k in TRANSITION_FIELDS})
+    if phase.get("threshold") is not None:
+        out[f"{prefix}threshold"] = float(phase["threshold"])
+        if phase.get("first_below") is not None:
+            out[f"{prefix}first_below"] = float(phase["first_below"])
+    return out
