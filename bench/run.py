@@ -297,7 +297,30 @@ def bench_demo() -> dict:
     return res
 
 
-SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo")
+SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo", "pictures")
+
+
+def bench_pictures(rounds: int = 3) -> dict:
+    """The default demo as users run it (wandb offline, a warm compilation cache) with and without the attention
+    pictures at every checkpoint (tracking.attention_images), whole `lab train` processes, interleaved."""
+    lab = str(Path(sys.executable).parent / "lab")
+    walls: dict[str, list[float]] = {"on": [], "off": []}
+    pictures = 0
+    for r in range(rounds + 1):  # round 0 warms the compilation cache for both
+        for flag in (("on", "off") if r % 2 else ("off", "on")):
+            d = Path(tempfile.mkdtemp()) / "demo"
+            wall, _ = _child([lab, "train", "experiment=demo", "trainer.progress=false",
+                              f"tracking.attention_images={'true' if flag == 'on' else 'false'}", f"run.dir={d}",
+                              "--quiet"])
+            if r:
+                walls[flag].append(wall)
+            if flag == "on":
+                pictures = len(list(d.glob("attention/*.png")))
+    on, off = float(np.median(walls["on"])), float(np.median(walls["off"]))
+    res = {"with_s": on, "without_s": off, "cost": on / off - 1.0, "pictures": pictures}
+    print(f"  demo with attention pictures {on:.1f} s, without {off:.1f} s: cost {100 * res['cost']:+.1f} %",
+          file=sys.stderr)
+    return res
 
 
 def _cpu_ticks() -> list[int] | None:
@@ -371,6 +394,9 @@ def main():
     if "demo" in wanted:
         print("demo (cold compilation cache):", file=sys.stderr)
         results["demo"] = bench_demo()
+    if "pictures" in wanted:
+        print("attention pictures (default demo, whole processes, interleaved):", file=sys.stderr)
+        results["pictures"] = bench_pictures()
     ticks1 = _cpu_ticks()
     if ticks0 and ticks1:
         # time the hypervisor gave this VM's CPUs to others while the bench ran: the noise behind

@@ -28,6 +28,7 @@ from lab.loop import Sink, drive
 from lab.measures.mechanism import CircuitSummary, flat
 from lab.measures.phase import detect_transitions, first_crossing, main_transition
 from lab.measures.phase import flat as phase_flat
+from lab.pictures import AttentionPictures
 from lab.plots import plot_curves
 from lab.state import TrainState
 from lab.tasks import make_task
@@ -79,12 +80,17 @@ class RunSink(Sink):
                                group=cfg.experiment, job_type=condition, resume=resume,
                                sequences_per_step=cfg.trainer.batch_size)
         self.checkpointer = Checkpointer(self.dir / "checkpoints", cfg.checkpoint)
+        self.pictures: AttentionPictures | None = None  # execute() gives the program's one renderer
 
     def log(self, row: dict) -> None:
         self.tracker.log(row)
 
     def save(self, step: int, state: TrainState) -> None:
         self.checkpointer.save(step, state.saved(), self.config)
+        if self.pictures is not None:  # the heads' attention at every checkpoint: attention/step0001000.png
+            path = self.pictures.save(state.params, self.dir / "attention" / f"step{step:07d}.png")
+            self.tracker.image("attention", path, step, caption=f"step {step}: rows layers L0.., columns heads "
+                               "H0..; query down, key across; dark = attended")
 
     def close(self) -> None:
         """Wait for the checkpoints in flight and end the wandb run (also after a failure)."""
@@ -118,6 +124,8 @@ class RunSink(Sink):
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(rows, self.dir / "curves.png", title=f"{c.experiment} ({c.task.name}, seed {c.seed})",
                     watch=watch, transitions=phase["transitions"], note=circuit and circuit["line"])
+        if rows:
+            self.tracker.image("curves", self.dir / "curves.png", rows[-1]["step"])
         # the wandb summary holds summary.json's essentials, so the UI can tabulate "condition -> phase-change
         # step" over runs (the last value of every logged metric is there already)
         self.tracker.summary({"experiment": c.experiment, "condition": self.condition, "seed": c.seed,
@@ -150,6 +158,10 @@ def execute(trainer: Trainer, sinks: list[RunSink], state: TrainState, quiet: bo
             bar.set_postfix(post, refresh=False)
             bar.refresh()
 
+    if cfg.tracking.attention_images:
+        pictures = AttentionPictures(trainer.model, trainer.task)
+        for s in sinks:
+            s.pictures = pictures
     t0 = time.perf_counter()
     start_step = trainer.current_step(state)
     try:

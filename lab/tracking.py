@@ -39,6 +39,7 @@ class WandbConfig:
 @dataclass
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    attention_images: bool = True  # every head's attention on a fixed probe at each checkpoint (lab/pictures.py)
 
     def validate(self) -> None:
         self.wandb.validate()
@@ -96,6 +97,7 @@ class Tracker:
 
                 settings = wandb.Settings(console="off", quiet=True, init_timeout=wb.init_timeout)
                 self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+                self._image = wandb.Image
                 if sequences_per_step:
                     self.run.define_metric("sequences_seen")
                     self.run.define_metric("*", step_metric="sequences_seen")
@@ -118,6 +120,14 @@ class Tracker:
             except Exception as e:  # wandb must never stop a run; the row is in metrics.jsonl already
                 print(f"warning: wandb log failed ({e}); continuing", file=sys.stderr)
                 self.run = None
+
+    def image(self, key: str, path: Path, step: int, caption: str = "") -> None:
+        """Log the PNG at ``path`` as a wandb image at ``step`` (the row of that step, when it was just logged)."""
+        if self.run is not None:
+            try:
+                self.run.log({key: self._image(str(path), caption=caption)}, step=int(step))
+            except Exception as e:  # wandb must never stop a run; the PNG stays in the run directory
+                print(f"warning: wandb image failed ({e}); continuing", file=sys.stderr)
 
     def summary(self, values: dict) -> None:
         if self.run is not None:

@@ -54,6 +54,18 @@ def test_wandb_holds_group_condition_history_and_phase_per_run(batch):
         assert all(h["sequences_seen"] == h["_step"] * 16 for h in hist)
         for h, row in zip(hist, rows, strict=True):
             assert h["test/loss"] == pytest.approx(row["test/loss"], rel=1e-9)
+        # the attention grid of every checkpoint, in the row of its step and as a PNG in the run directory
+        (log_dir,) = list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id(run_dir)}"))
+        pictured = [h["_step"] for h in hist if h.get("attention._type") == "image-file"]
+        assert pictured == [0, 100, 200]
+        for h in hist:
+            if "attention.path" in h:
+                assert (log_dir / "files" / h["attention.path"]).stat().st_size > 1000
+                # 2 layers x 4 heads of 96-pixel tiles
+                assert (h["attention.height"], h["attention.width"]) == (2 * 96 + 2, 4 * 96 + 3 * 2)
+        assert sorted(p.name for p in (run_dir / "attention").glob("*.png")) == [
+            "step0000000.png", "step0000100.png", "step0000200.png"]
+        assert hist[-1].get("curves._type") == "image-file"
         summary = {}
         for x in recs:
             if x["type"] == "summary":
@@ -85,3 +97,26 @@ def test_a_fork_and_a_replay_name_their_parent_run_in_wandb(batch, tmp_path):
     (run,) = [x["run"] for x in wandb_records(parent, wandb_id(parent) + "replay") if x["type"] == "run"]
     of = run["config"]["update"]["replay_of"]
     assert run["job_type"] == "replay" and of["wandb_id"] == parent_run["run_id"] and of["steps"] == [100, 200]
+
+
+def test_an_attention_grid_tile_is_its_heads_pattern():
+    """Tile (layer, head) of the grid shows that head's pattern on the probe: darkness = attention weight."""
+    import jax
+    import numpy as np
+
+    from lab.pictures import GAP, TILE, AttentionPictures, probe_sequence
+    from lab.trainer import Trainer
+    from tests.conftest import TINY
+
+    tr = Trainer(load_config(TINY + ["model.n_heads=4"])[0])
+    params = tr.model.params()
+    pics = AttentionPictures(tr.model, tr.task)
+    grid = pics.grid(params).astype(np.float32) / 255.0
+    _, cache = tr.model.run_with_cache(params, probe_sequence(tr.task), ["blocks.1.attn.hook_pattern"])
+    pat = np.asarray(jax.device_get(cache["blocks.1.attn.hook_pattern"]))[0, 2]  # L1H2, [query, key]
+    t = pat.shape[-1]
+    y0, x0 = 1 * (TILE + GAP), 2 * (TILE + GAP)
+    for q, k in ((0, 0), (t - 1, 0), (t - 1, t - 1), (t // 2, t // 3)):
+        py, px = y0 + (q * TILE) // t + 1, x0 + (k * TILE) // t + 1
+        assert abs(grid[py, px, 0] - (1.0 - pat[q, k])) < 0.02, (q, k)
+    assert np.all(grid[:TILE, TILE:TILE + GAP] == 1.0)  # white gaps between heads
