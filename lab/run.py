@@ -93,8 +93,7 @@ class RunSink(Sink):
                                "H0..; query down, key across; dark = attended")
 
     def close(self) -> None:
-        """Wait for the checkpoints in flight and end the wandb run (also after a failure)."""
-        self.checkpointer.close()
+        """End the wandb run and metrics.jsonl (execute closes the checkpointer, once, when training stops)."""
         self.tracker.close()
 
     def finish(self, watch: str, wall: float, start_step: int, circuit_at: Callable[[dict], dict | None],
