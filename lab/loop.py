@@ -195,7 +195,7 @@ class RowMaker:
             row.update(evals[i])
             if "train/loss" not in row and "train/batch_loss" in row:
                 row["train/loss"] = row["train/batch_loss"]
-            row.update(tr.measures(tr.run_state(state, i).params))
+            row.update(tr.measures(jax.tree_util.tree_map(lambda a, i=i: a[i], state.params)))  # run i's params
             if perf:
                 row.update(perf)
             out.append(row)

@@ -51,15 +51,14 @@ def resolve_run_dir(cfg) -> Path:
     """``run.dir`` if given (it must be new or empty: a run directory is never overwritten), else the default."""
     if cfg.run.dir:
         path = Path(cfg.run.dir)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise LabError(f"run.dir={cfg.run.dir}: exists and is not empty; choose a new directory "
-                           "(a run directory is never overwritten)")
+        check_empty(path)
         return path
     return default_run_dir(cfg)
 
 
 def check_empty(path: Path) -> None:
-    if path.exists() and any(path.iterdir()):
+    """Refuse a run directory that exists and is not an empty directory (a run directory is never overwritten)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise LabError(f"run.dir={path}: exists and is not empty; choose a new directory "
                        "(a run directory is never overwritten)")
 
@@ -201,8 +200,8 @@ def reference_params(run_dir: str, step: int | None, model):
     try:
         params = restore(path, step)["params"]
     except CheckpointReadError as e:
-        raise LabError(f"reference_dir={run_dir}: checkpoint {step} cannot be read ({e.__cause__.__class__.__name__})"
-                       ) from e
+        raise LabError(f"reference_dir={run_dir}: checkpoint {step} cannot be read "
+                       f"({type(e.__cause__ or e).__name__})") from e
     mine = model.params()
     ok = jax.tree_util.tree_structure(mine) == jax.tree_util.tree_structure(params) and all(
         np.shape(a) == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(params),

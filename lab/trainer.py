@@ -256,16 +256,11 @@ class Trainer:
         self.frozen = frozen if any_frozen else None
         self.own_lr = len({c.optim.lr for c in self.cfgs}) > 1  # each run's rate is data in its state
         mask = frozen if any_frozen else None
-        optimizers: dict = {}
+        self.opt = make_optimizer(cfg.optim, tc.steps, mask, lr=None)
 
         def optimizer(lr):  # the optimiser at a rate: the config's (None), or a run's own (state.lr, traced)
-            if lr is None:
-                if None not in optimizers:
-                    optimizers[None] = make_optimizer(cfg.optim, tc.steps, mask, lr=None)
-                return optimizers[None]
-            return make_optimizer(cfg.optim, tc.steps, mask, lr=lr)
+            return self.opt if lr is None else make_optimizer(cfg.optim, tc.steps, mask, lr=lr)
 
-        self.opt = optimizer(None)
         self.parts = Parts(self.task, self.model, self.clamps, optimizer, self.frozen, tc.batch_size,
                            tc.steps_per_call, tc.on_nonfinite == "skip", tc.eval_batch_size)
         trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
