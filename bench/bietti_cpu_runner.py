@@ -9,7 +9,11 @@ one that draws the same distribution (fixed triggers, outputs uniform per sequen
 draws every token with a Python ``rng.choice``: about 4 s per batch of 512 x 256 per core here, where the
 authors ran 60 worker processes; on 2 cores the data alone would take over an hour per 1000 steps.
 
-Usage (cwd = the checkout, which holds data/meta.pkl):  PYTHON bench/bietti_cpu_runner.py SCRIPT.py [ARGS...]
+``--torch-seed N`` (before SCRIPT) seeds torch's generator before their script runs: ihead_full_main.py has no
+seed argument and would otherwise draw its initial weights unseeded.
+
+Usage (cwd = the checkout, which holds data/meta.pkl):
+  PYTHON bench/bietti_cpu_runner.py [--fast-data] [--torch-seed N] SCRIPT.py [ARGS...]
 """
 
 import json
@@ -68,11 +72,17 @@ def fast_gen_batch(self, rng, batch_size):
 
 
 argv = sys.argv[1:]
-if argv and argv[0] == "--fast-data":
-    import ihead_data
+while argv and argv[0].startswith("--"):
+    if argv[0] == "--fast-data":
+        import ihead_data
 
-    ihead_data.Dataset.gen_batch = fast_gen_batch
-    argv = argv[1:]
+        ihead_data.Dataset.gen_batch = fast_gen_batch
+        argv = argv[1:]
+    elif argv[0] == "--torch-seed":
+        torch.manual_seed(int(argv[1]))
+        argv = argv[2:]
+    else:
+        raise SystemExit(f"bietti_cpu_runner: unknown option {argv[0]}")
 script, args = argv[0], argv[1:]
 sys.argv = [script, *args]
 runpy.run_path(script, run_name="__main__")

@@ -17,6 +17,12 @@ and the order in which the memories form. Writes bietti_side_by_side.png and .md
 
 Their step i is logged after i + 1 updates; the table counts updates for both.
 
+``--model full`` does the same for their full Transformer (ihead_full_main.py, every argument its default but the
+README's data arguments data_args.k=5 data_args.fixed_special_toks=True; seeded with --torch-seed, as the script
+has no seed argument) against `lab train experiment=bietti_full`: the accuracy is then their ``acc_end_test`` on
+every output token, first occurrences included (the lab's ``test/outputs_acc``), and the feed-forward probe ff1
+(their ``test_ff1``, the lab's ``memory_recall/ff1_kl``: a KL, lower is better) is compared too.
+
 Run:  .venv/bin/python bench/bietti_side_by_side.py --tb PATH/transformer-birth --python PATH/venv/bin/python
       .venv/bin/python bench/bietti_side_by_side.py --tb ... --python ... --steps 300 --every 10
       .venv/bin/python bench/bietti_side_by_side.py --tb ... --python ... --reuse   # compare what --out holds
@@ -38,48 +44,64 @@ README_FLAGS = ["loss_head_only=True", "data_args.k=5", "data_args.fixed_special
                 "optim_args.use_sgd=True", "optim_args.learning_rate=0.03", "optim_args.weight_decay=1e-4",
                 "optim_args.batch_size=512", "model_args.final_ffn=False", "model_args.freeze_embeddings=True",
                 "model_args.freeze_output=True", "model_args.dim=256"]
-# their res.jsonl field -> the lab's metric
-PAIRS = {"acc_end_test": "test/icl_acc", "wo1_acc": "memory_recall/wo1", "wk1_acc": "memory_recall/wk1",
-         "wk0_acc": "memory_recall/wk0"}
-NAMES = {"acc_end_test": "in-context accuracy", "wo1_acc": "wo1", "wk1_acc": "wk1", "wk0_acc": "wk0"}
+FULL_FLAGS = ["data_args.k=5", "data_args.fixed_special_toks=True"]
+MEMORIES = ("wo1_acc", "wk1_acc", "wk0_acc")
+# per model: their script and flags, the lab's experiment, their res.jsonl field -> the lab's metric, batch size
+MODELS = {
+    "basic": {"script": "ihead_basic_main.py", "flags": README_FLAGS, "experiment": "bietti_bigram", "batch": 512,
+              "pairs": {"acc_end_test": "test/icl_acc", "wo1_acc": "memory_recall/wo1",
+                        "wk1_acc": "memory_recall/wk1", "wk0_acc": "memory_recall/wk0"}},
+    "full": {"script": "ihead_full_main.py", "flags": FULL_FLAGS, "experiment": "bietti_full", "batch": 64,
+             "pairs": {"acc_end_test": "test/outputs_acc", "wo1_acc": "memory_recall/wo1",
+                       "wk1_acc": "memory_recall/wk1", "wk0_acc": "memory_recall/wk0",
+                       "ff1_loss": "memory_recall/ff1_kl"}},
+}
+NAMES = {"acc_end_test": "in-context accuracy", "wo1_acc": "wo1", "wk1_acc": "wk1", "wk0_acc": "wk0",
+         "ff1_loss": "ff1 (KL, right axis)"}
 
 
-def run_authors(tb: Path, python: str, steps: int, every: int, seed: int, out: Path, fast: bool) -> dict[int, dict]:
+def run_authors(tb: Path, python: str, steps: int, every: int, seed: int, out: Path, fast: bool,
+                model: str = "basic") -> dict[int, dict]:
     runner = Path(__file__).resolve().parent / "bietti_cpu_runner.py"
-    cmd = [python, str(runner), *(["--fast-data"] if fast else []), "ihead_basic_main.py", f"max_iters={steps}",
-           f"eval_delta={every}", "log_probes=True", *README_FLAGS, "num_data_workers=1", f"seed={seed}",
-           "save_dir=authors", f"root_dir={out}"]
+    m = MODELS[model]
+    seeding = [f"seed={seed}"] if model == "basic" else []  # the full script has none: --torch-seed
+    cmd = [python, str(runner), *(["--fast-data"] if fast else []), "--torch-seed", str(seed), m["script"],
+           f"max_iters={steps}", f"eval_delta={every}", "log_probes=True", *m["flags"], "num_data_workers=1",
+           *seeding, "save_dir=authors", f"root_dir={out}"]
     p = subprocess.run(cmd, cwd=tb, capture_output=True, text=True)
     res = out / "authors" / "res.jsonl"
     if not res.is_file():
         raise SystemExit(f"transformer-birth failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-    rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()]
-    return {r["iter"] + 1: {k: r[k] for k in PAIRS} for r in rows if "iter" in r}
+    return read_authors(out, model)
 
 
-def read_authors(out: Path) -> dict[int, dict]:
+def read_authors(out: Path, model: str = "basic") -> dict[int, dict]:
+    pairs = MODELS[model]["pairs"]
     rows = [json.loads(line) for line in (out / "authors" / "res.jsonl").read_text().splitlines() if line.strip()]
-    return {r["iter"] + 1: {k: r[k] for k in PAIRS} for r in rows if "iter" in r}
+    return {r["iter"] + 1: {k: r[k] for k in pairs} for r in rows if "iter" in r}
 
 
-def read_lab(out: Path) -> dict[int, dict]:
+def read_lab(out: Path, model: str = "basic") -> dict[int, dict]:
     from lab.tracking import read_metrics
 
+    pairs = MODELS[model]["pairs"]
     rows = read_metrics(out / "lab" / "metrics.jsonl")
-    return {int(r["step"]): {k: r.get(m) for k, m in PAIRS.items()} for r in rows if PAIRS["acc_end_test"] in r}
+    return {int(r["step"]): {k: r.get(m) for k, m in pairs.items()} for r in rows if pairs["acc_end_test"] in r}
 
 
-def run_lab(tb: Path, steps: int, every: int, seed: int, out: Path) -> dict[int, dict]:
+def run_lab(tb: Path, steps: int, every: int, seed: int, out: Path, model: str = "basic") -> dict[int, dict]:
     from lab.comparison import load, series
     from lab.conditions import run_conditions
 
-    base = ["experiment=bietti_bigram", f"task.stats_path={tb / 'data' / 'meta.pkl'}", f"trainer.steps={steps}",
+    pairs = MODELS[model]["pairs"]
+    base = [f"experiment={MODELS[model]['experiment']}", f"task.stats_path={tb / 'data' / 'meta.pkl'}",
+            f"trainer.steps={steps}",
             f"trainer.eval_every={every}", "trainer.eval_log_points=0", "checkpoint.every=0",
             "checkpoint.log_points=0", "tracking.wandb.mode=disabled", "trainer.progress=false"]
     dirs = run_conditions(base, {"lab": []}, [seed], out, quiet=True)
     d = load(dirs["lab"][0])
-    cols = {k: dict(zip(*series(d, m, "step"), strict=True)) for k, m in PAIRS.items()}
-    return {int(s): {k: cols[k].get(s) for k in PAIRS} for s in cols["acc_end_test"]}
+    cols = {k: dict(zip(*series(d, m, "step"), strict=True)) for k, m in pairs.items()}
+    return {int(s): {k: cols[k].get(s) for k in pairs} for s in cols["acc_end_test"]}
 
 
 def first_at(curve: dict[int, dict], k: str, level: float):
@@ -96,13 +118,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--their-sampler", action="store_true", help="keep their per-token sampler (slow)")
     ap.add_argument("--reuse", action="store_true", help="train nothing: compare the runs --out already holds")
-    ap.add_argument("--out", type=Path, default=Path("runs/bietti_side_by_side"))
+    ap.add_argument("--model", choices=tuple(MODELS), default="basic",
+                    help="basic: the README's simplified model; full: ihead_full_main.py vs experiment=bietti_full")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/bietti_side_by_side[_full]")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = Path("runs/bietti_side_by_side" + ("" if args.model == "basic" else f"_{args.model}"))
+    spec = MODELS[args.model]
+    pairs = spec["pairs"]
+    names = NAMES if args.model == "basic" else {**NAMES, "acc_end_test": "output-token accuracy"}
     if not (args.tb / "ihead_basic_main.py").is_file() or not (args.tb / "data" / "meta.pkl").is_file():
         ap.error(f"--tb={args.tb}: not a transformer-birth working tree (ihead_basic_main.py, data/meta.pkl)")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.reuse:
-        theirs, ours = read_authors(args.out), read_lab(args.out)
+        theirs, ours = read_authors(args.out, args.model), read_lab(args.out, args.model)
         common = min(max(theirs), max(ours))
         theirs = {s: v for s, v in theirs.items() if s <= common}
         ours = {s: v for s, v in ours.items() if s <= common}
@@ -110,9 +139,9 @@ def main():
     else:
         t0 = time.time()
         theirs = run_authors(args.tb.absolute(), args.python, args.steps, args.every, args.seed, args.out.absolute(),
-                             fast=not args.their_sampler)
+                             fast=not args.their_sampler, model=args.model)
         t_theirs = time.time() - t0
-        ours = run_lab(args.tb.absolute(), args.steps, args.every, args.seed, args.out)
+        ours = run_lab(args.tb.absolute(), args.steps, args.every, args.seed, args.out, args.model)
         t_ours = time.time() - t0 - t_theirs
         print(f"authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s ({args.steps} steps each)", file=sys.stderr)
 
@@ -123,11 +152,18 @@ def main():
 
     fig, axs = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     for ax, (who, curve) in zip(axs, (("lab", ours), ("authors' code", theirs)), strict=True):
-        for k, color in zip(PAIRS, ("k", "C0", "C1", "C2"), strict=True):
-            s = [i for i in sorted(curve) if curve[i][k] is not None]
-            ax.plot(s, [curve[i][k] for i in s], color=color, lw=2 if k == "acc_end_test" else 1.5, label=NAMES[k])
-        ax.set(xlabel="step (batch 512)", title=f"{who}: accuracy and memory recall", ylim=(-0.02, 1.02))
-        ax.legend(fontsize=8)
+        handles = []
+        for k, color in zip(pairs, ("k", "C0", "C1", "C2", "C3"), strict=False):
+            s = [i for i in sorted(curve) if curve[i][k] is not None and curve[i][k] >= 0]
+            on = ax.twinx() if k == "ff1_loss" else ax
+            handles += on.plot(s, [curve[i][k] for i in s], color=color, lw=2 if k == "acc_end_test" else 1.5,
+                               ls="--" if k == "ff1_loss" else "-", label=names[k])
+            if k == "ff1_loss":
+                on.set(yscale="log", ylabel="ff1: KL(bigram || layer-1 MLP alone)")
+        acc = "in-context" if args.model == "basic" else "output-token"
+        ax.set(xlabel=f"step (batch {spec['batch']})", title=f"{who}: {acc} accuracy and memory recall",
+               ylim=(-0.02, 1.02))
+        ax.legend(handles=handles, fontsize=8, loc="center right")
     axs[0].set_ylabel("accuracy / recall")
     fig.tight_layout()
     fig.savefig(args.out / "bietti_side_by_side.png", dpi=110)
@@ -136,18 +172,23 @@ def main():
     fmt = lambda v: "never" if v is None else f"{v:,}"  # noqa: E731
     last = lambda c, k: c[max(c)][k]  # noqa: E731
     took = ("" if args.reuse else f"; authors' code {t_theirs:.0f} s, lab {t_ours:.0f} s on this machine")
-    lines = [f"{args.steps:,} steps of batch 512 x 256, the README setting, tiny Shakespeare's laws; seed {args.seed} "
-             f"each{took}", "",
+    setting = "the README setting" if args.model == "basic" else "the full model, README data arguments"
+    lines = [f"{args.steps:,} steps of batch {spec['batch']} x 256, {setting}, tiny Shakespeare's laws; seed "
+             f"{args.seed} each{took}", "",
              "| measure | lab: first step >= 0.5 | authors | lab: >= 0.9 | authors | lab: final | authors: final |",
              "|---|---|---|---|---|---|---|"]
-    for k in PAIRS:
-        lines.append(f"| {NAMES[k]} | {fmt(first_at(ours, k, 0.5))} | {fmt(first_at(theirs, k, 0.5))} | "
+    for k in pairs:
+        if k == "ff1_loss":
+            lo = lambda c: min(v["ff1_loss"] for v in c.values() if v["ff1_loss"] is not None)  # noqa: E731
+            lines.append(f"| ff1 (KL, lower is better): lowest | {lo(ours):.3f} | {lo(theirs):.3f} | | | "
+                         f"{last(ours, k):.3f} | {last(theirs, k):.3f} |")
+            continue
+        lines.append(f"| {names[k]} | {fmt(first_at(ours, k, 0.5))} | {fmt(first_at(theirs, k, 0.5))} | "
                      f"{fmt(first_at(ours, k, 0.9))} | {fmt(first_at(theirs, k, 0.9))} | {last(ours, k):.3f} | "
                      f"{last(theirs, k):.3f} |")
     for who, curve in (("lab", ours), ("authors", theirs)):
-        reached = sorted((first_at(curve, k, 0.5), NAMES[k]) for k in ("wo1_acc", "wk1_acc", "wk0_acc")
-                         if first_at(curve, k, 0.5) is not None)
-        never = [NAMES[k] for k in ("wo1_acc", "wk1_acc", "wk0_acc") if first_at(curve, k, 0.5) is None]
+        reached = sorted((first_at(curve, k, 0.5), names[k]) for k in MEMORIES if first_at(curve, k, 0.5) is not None)
+        never = [names[k] for k in MEMORIES if first_at(curve, k, 0.5) is None]
         order = " < ".join(f"{name} ({step:,})" for step, name in reached) or "none"
         lines.append(f"\nMemories reaching 0.5 ({who}), in order: {order}" + (f"; not: {', '.join(never)}" if never
                                                                                else ""))

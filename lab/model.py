@@ -11,8 +11,11 @@ frozen_random | none (shortformer, after Press et al. 2021: learned position emb
 layer's query and key inputs only, never to values or the residual stream, so no head can pass a
 position on to a later layer); LayerNorm on/off; biases on/off; W_O absent (Reddy: heads concatenate);
 W_Q = I (Bietti); no 1/sqrt(d_head) scaling (Reddy); an input adapter for continuous items
-(linear, or identity when the items are already d_model wide); Reddy's ReLU MLP classifier as the
-one optional MLP; any parameter frozen by glob (``freeze: [embed.*, blocks.0.attn.W_V]``).
+(linear, or identity when the items are already d_model wide); Reddy's ReLU MLP classifier on the
+readout; a feed-forward layer in every block (``d_mlp`` > 0: TransformerLens's ``attn_only=False``,
+with its ``mlp.W_in/W_out`` weights, ``ln2`` and ``hook_mlp_out`` sites), sequential or parallel to the
+attention (``parallel_attn_mlp``: the MLP reads the block's input, as GPT-J and Bietti's pre-norm full
+model do); any parameter frozen by glob (``freeze: [embed.*, blocks.0.attn.W_V]``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from lab.errors import check
 from lab.hooks import NO_HOOKS, Hooks
 from lab.kernels import dense, layer_norm, matmul_nn, matmul_nt, softmax
 
+ACT_FNS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
 POSITIONS = ("learned", "sinusoidal", "rope", "shortformer", "onehot", "frozen_random", "none")
 
 
@@ -47,6 +51,14 @@ class ModelConfig:
     input_proj: str = "linear"  # how continuous items enter: linear | identity
     mlp_head: int = 0  # width of Reddy's ReLU MLP classifier on the residual (0: none)
     mlp_layers: int = 3
+    # a feed-forward layer in every block, TransformerLens's names: blocks.{l}.mlp.W_in [d_model, d_mlp], W_out
+    # [d_mlp, d_model] (and b_in, b_out with bias; ln2 with layernorm). 0: attention-only (TransformerLens's
+    # attn_only=True), the lab's default, the papers' models but Bietti's full one.
+    d_mlp: int = 0
+    act_fn: str = "relu"  # the MLP's nonlinearity: relu | gelu
+    # the MLP reads the block's input, not the residual after the attention: resid_post = resid_pre + attn_out +
+    # mlp_out (TransformerLens's parallel_attn_mlp; Bietti's full model with pre_norm=True, ihead_full_model.py)
+    parallel_attn_mlp: bool = False
     init_std: float = 0.02  # embeddings (init: normal)
     # normal: N(0, init_std) embeddings, N(0, 1/fan_in) matrices. torch: PyTorch's nn.Embedding / nn.Linear
     # defaults, as the PyTorch reference code (Bietti's transformer-birth) initialises: N(0, 1) token and
@@ -81,6 +93,10 @@ class ModelConfig:
         check(self.input_proj in ("linear", "identity"), "model.input_proj", self.input_proj, "one of linear, identity")
         check(self.mlp_head >= 0, "model.mlp_head", self.mlp_head, "must be >= 0")
         check(self.mlp_layers >= 1, "model.mlp_layers", self.mlp_layers, "must be >= 1")
+        check(self.d_mlp >= 0, "model.d_mlp", self.d_mlp, "must be >= 0 (0: attention-only)")
+        check(self.act_fn in ACT_FNS, "model.act_fn", self.act_fn, f"one of {', '.join(ACT_FNS)}")
+        check(not self.parallel_attn_mlp or self.d_mlp > 0, "model.parallel_attn_mlp", self.parallel_attn_mlp,
+              "true needs a feed-forward layer (model.d_mlp > 0)")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
         check(self.init in ("normal", "torch"), "model.init", self.init, "one of normal, torch")
 
@@ -165,6 +181,14 @@ class _Weights(nnx.Module):
             blk = nnx.Dict(attn=attn)
             if cfg.layernorm:
                 blk["ln1"] = nnx.Dict(w=P(jnp.ones((d,))), b=P(jnp.zeros((d,))))
+            if cfg.d_mlp:  # drawn after the attention's, so attention-only models keep their initial weights
+                m = cfg.d_mlp
+                mlp = nnx.Dict(W_in=P(mat((d, m), d)), W_out=P(mat((m, d), m)))
+                if cfg.bias:
+                    mlp["b_in"], mlp["b_out"] = P(jnp.zeros((m,))), P(jnp.zeros((d,)))
+                blk["mlp"] = mlp
+                if cfg.layernorm:
+                    blk["ln2"] = nnx.Dict(w=P(jnp.ones((d,))), b=P(jnp.zeros((d,))))
             blocks.append(blk)
         self.blocks = nnx.List(blocks)
         if cfg.layernorm:
@@ -233,7 +257,14 @@ class Transformer:
             if cfg.positions == "rope":
                 names += [f"{b}.attn.hook_rot_q", f"{b}.attn.hook_rot_k"]
             names += [f"{b}.attn.hook_{s}" for s in ("attn_scores", "pattern", "z", "result")]
-            names += [f"{b}.hook_attn_out", f"{b}.hook_resid_post"]
+            names.append(f"{b}.hook_attn_out")
+            if cfg.d_mlp:
+                if not cfg.parallel_attn_mlp:
+                    names.append(f"{b}.hook_resid_mid")
+                if cfg.layernorm:
+                    names.append(f"{b}.ln2.hook_normalized")
+                names += [f"{b}.mlp.hook_pre", f"{b}.mlp.hook_post", f"{b}.hook_mlp_out"]
+            names.append(f"{b}.hook_resid_post")
         if cfg.layernorm:
             names.append("ln_final.hook_normalized")
         names.append("logits")
@@ -319,7 +350,10 @@ class Transformer:
             if cfg.use_wo and cfg.bias:
                 out = out + a["b_O"]
             out = hooks(f"{b}.hook_attn_out", out)
-            x = hooks(f"{b}.hook_resid_post", (x if at is None else x[:, at]) + out)
+            resid_pre = x if at is None else x[:, at]
+            if cfg.d_mlp:
+                out = out + self._mlp(p, layer, resid_pre, out, hooks)
+            x = hooks(f"{b}.hook_resid_post", resid_pre + out)
         if readout is not None and not prune:
             x = x[:, jnp.asarray(readout)]
         if cfg.layernorm:
@@ -329,6 +363,20 @@ class Transformer:
                 x = jax.nn.relu(dense(x, p["mlp"][f"W_{i}"]) + p["mlp"][f"b_{i}"])
         logits = dense(x, p["unembed"]["W_U"]) + p["unembed"]["b_U"]
         return hooks("logits", logits)
+
+    def _mlp(self, p, layer: int, resid_pre, attn_out, hooks: Hooks):
+        """Block ``layer``'s feed-forward output (``hook_mlp_out``), read from the residual after the attention
+        (``hook_resid_mid``) or, parallel, from the block's input. Position-wise, so a pruned last layer runs it at
+        the readout positions only."""
+        cfg, b, blk = self.cfg, f"blocks.{layer}", p["blocks"][str(layer)]
+        x = resid_pre if cfg.parallel_attn_mlp else hooks(f"{b}.hook_resid_mid", resid_pre + attn_out)
+        if cfg.layernorm:
+            x = hooks(f"{b}.ln2.hook_normalized", layer_norm(x, blk["ln2"]["w"], blk["ln2"]["b"]))
+        m = blk["mlp"]
+        pre = dense(x, m["W_in"]) + m["b_in"] if cfg.bias else dense(x, m["W_in"])
+        post = hooks(f"{b}.mlp.hook_post", ACT_FNS[cfg.act_fn](hooks(f"{b}.mlp.hook_pre", pre)))
+        out = dense(post, m["W_out"]) + m["b_out"] if cfg.bias else dense(post, m["W_out"])
+        return hooks(f"{b}.hook_mlp_out", out)
 
     def _split_qkv(self, p, layer: int, x, hooks: Hooks, at):
         """TransformerLens's split inputs: each head's queries, keys and values read their own copy of the

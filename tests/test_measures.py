@@ -190,3 +190,45 @@ def test_memory_recall_on_constructed_memories():
                        "1": {"attn": {k: rng.normal(size=(1, d, d)) for k in ("W_Q", "W_K", "W_V", "W_O")}}}}
     r = circuits.memory_recall(rand, {"pos_embed": {"W_pos": pos}}, n)
     assert r["memory_recall/wo1"] < 0.5 and r["memory_recall/wk1"] < 0.5 and r["memory_recall/wk0"] < 0.5
+
+
+def test_memory_recall_treats_a_layers_heads_as_one_map_as_the_authors_do():
+    """Bietti's full model has 4 heads; their probes use the layer's whole nn.Linear. A one-head model whose
+    head is cut into two heads (W_Q, W_K, W_V by columns, W_O by rows) is the same map: the same probes."""
+    n, d = 12, 16
+    rng = np.random.default_rng(1)
+    one = {"embed": {"W_E": rng.normal(size=(n, d))}, "unembed": {"W_U": rng.normal(size=(d, n))},
+           "blocks": {str(i): {"attn": {k: rng.normal(size=(1, d, d)) for k in ("W_Q", "W_K", "W_V", "W_O")}}
+                      for i in range(2)}}
+
+    def cut(a):
+        return {"W_Q": np.stack(np.split(a["W_Q"][0], 2, axis=1)), "W_K": np.stack(np.split(a["W_K"][0], 2, axis=1)),
+                "W_V": np.stack(np.split(a["W_V"][0], 2, axis=1)), "W_O": np.stack(np.split(a["W_O"][0], 2, axis=0))}
+
+    two = {**one, "blocks": {i: {"attn": cut(b["attn"])} for i, b in one["blocks"].items()}}
+    pos = {"pos_embed": {"W_pos": rng.normal(size=(20, d))}}
+    r1, r2 = circuits.memory_recall(one, pos, n), circuits.memory_recall(two, pos, n)
+    assert r1 == pytest.approx(r2)
+    # ... and a probe that read head 0 alone would differ somewhere
+    head0 = {**two, "blocks": {i: {"attn": {k: v[:1] for k, v in b["attn"].items()}} for i, b in two["blocks"].items()}}
+    assert circuits.memory_recall(head0, pos, n) != pytest.approx(r1)
+
+
+def test_ff1_is_zero_for_a_feed_forward_memory_holding_the_bigrams_and_large_for_a_random_one():
+    n, d = 10, 32
+    rng = np.random.default_rng(2)
+    we = np.linalg.qr(rng.normal(size=(d, d)))[0][:n]  # orthonormal token embeddings
+    bigram = rng.dirichlet(np.ones(n), size=n)
+    eye = np.eye(d)[None]
+    attn = {"W_Q": eye, "W_K": eye, "W_V": eye, "W_O": eye}
+    # relu(x_a W_in) = onehot(a); onehot(a) W_out W_U = log bigram[a]
+    held = {"W_in": we.T, "W_out": np.log(bigram) @ we}
+    params = {"embed": {"W_E": we}, "unembed": {"W_U": we.T},
+              "blocks": {"0": {"attn": attn}, "1": {"attn": attn, "mlp": held}}}
+    r = circuits.memory_recall(params, {}, n, bigram=bigram)
+    assert r["memory_recall/ff1_kl"] == pytest.approx(0.0, abs=1e-9)
+    params["blocks"]["1"]["mlp"] = {"W_in": rng.normal(size=(d, 40)), "W_out": rng.normal(size=(40, d))}
+    assert circuits.memory_recall(params, {}, n, bigram=bigram)["memory_recall/ff1_kl"] > 0.5
+    # an attention-only model has no ff1
+    del params["blocks"]["1"]["mlp"]
+    assert "memory_recall/ff1_kl" not in circuits.memory_recall(params, {}, n, bigram=bigram)

@@ -133,13 +133,66 @@ def test_bad_model_config(field, value):
         cfg.validate()
 
 
-@pytest.mark.parametrize("kind", ["singh", "reddy"])
+def _reference_forward(p, toks, parallel: bool):
+    """A numpy transcription of a pre-LayerNorm block with a ReLU feed-forward layer, after TransformerLens
+    (sequential) and Bietti's ihead_full_model.py (parallel: ``h + ff(ff_norm(x))`` with x the block's input)."""
+    def ln(x, w, b):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * w + b
+
+    g = lambda t: np.asarray(t, np.float64)  # noqa: E731
+    x = g(p["embed"]["W_E"])[toks] + g(p["pos_embed"]["W_pos"])[: toks.shape[1]]
+    t = toks.shape[1]
+    for layer in sorted(p["blocks"], key=int):
+        blk = p["blocks"][layer]
+        a = {k: g(v) for k, v in blk["attn"].items()}
+        xin = ln(x, g(blk["ln1"]["w"]), g(blk["ln1"]["b"]))
+        q, k, v = (np.einsum("btd,hde->bhte", xin, a[f"W_{n}"]) + a[f"b_{n}"][None, :, None] for n in "QKV")
+        s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1]) + np.where(np.tril(np.ones((t, t))), 0, -np.inf)
+        pat = np.exp(s - s.max(-1, keepdims=True))
+        pat /= pat.sum(-1, keepdims=True)
+        attn_out = np.einsum("bhte,hed->btd", pat @ v, a["W_O"]) + a["b_O"]
+        mlp_in = x if parallel else x + attn_out
+        m = {k: g(v) for k, v in blk["mlp"].items()}
+        h = np.maximum(ln(mlp_in, g(blk["ln2"]["w"]), g(blk["ln2"]["b"])) @ m["W_in"] + m["b_in"], 0)
+        x = x + attn_out + h @ m["W_out"] + m["b_out"]
+    x = ln(x, g(p["ln_final"]["w"]), g(p["ln_final"]["b"]))
+    return x @ g(p["unembed"]["W_U"]) + g(p["unembed"]["b_U"])
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_feed_forward_blocks_follow_transformerlens_and_bietti(parallel):
+    cfg = ModelConfig(n_layers=2, n_heads=2, d_model=8, d_mlp=32, parallel_attn_mlp=parallel)
+    m = Transformer(cfg, seq_len=T, vocab_size=V, n_outputs=V, seed=1)
+    p = m.params()
+    p = jax.tree_util.tree_map(lambda w: w + 0.1 * jax.random.normal(jax.random.PRNGKey(w.size), w.shape), p)
+    assert p["blocks"]["1"]["mlp"]["W_in"].shape == (8, 32) and p["blocks"]["1"]["mlp"]["W_out"].shape == (32, 8)
+    logits, cache = m.run_with_cache(p, tokens())
+    assert set(cache) == set(m.site_names())
+    assert ("blocks.0.hook_resid_mid" in cache) == (not parallel)  # TransformerLens has none when parallel
+    assert cache["blocks.1.mlp.hook_post"].shape == (B, T, 32) and cache["blocks.1.hook_mlp_out"].shape == (B, T, 8)
+    np.testing.assert_allclose(np.asarray(logits), _reference_forward(p, np.asarray(tokens()["tokens"]), parallel),
+                               rtol=1e-4, atol=1e-4)
+    # the other order is a different function: the test can tell them apart
+    assert np.abs(np.asarray(logits) - _reference_forward(p, np.asarray(tokens()["tokens"]), not parallel)).max() > 1e-2
+    # zeroing the MLP's output (hook_mlp_out) leaves what an attention-only model with these weights computes
+    zero = Hooks(interventions={f"blocks.{i}.hook_mlp_out": jnp.zeros_like for i in range(2)})
+    attn_only = Transformer(ModelConfig(n_layers=2, n_heads=2, d_model=8), seq_len=T, vocab_size=V, n_outputs=V)
+    drop = {k: v for k, v in p.items()}
+    drop["blocks"] = {i: {k: v for k, v in b.items() if k not in ("mlp", "ln2")} for i, b in p["blocks"].items()}
+    np.testing.assert_allclose(np.asarray(m.apply(p, tokens(), zero)), np.asarray(attn_only.apply(drop, tokens())),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["singh", "reddy", "bietti_full"])
 def test_readout_shortcuts_give_the_full_models_logits_and_gradients(kind):
     # A classification loss reads one query: the last layer then computes queries, attention and W_O there only,
     # and features are projected only at the positions that carry them. Both must be exact shortcuts.
     T, V, F, B = 7, 5, 9, 6
     if kind == "singh":
         cfg, fdim, fpos = ModelConfig(n_heads=2, d_model=8, positions="rope"), F, (0, 2, 4, 6)
+    elif kind == "bietti_full":  # a feed-forward layer in every block, parallel to the attention
+        cfg, fdim, fpos = ModelConfig(n_heads=2, d_model=8, d_mlp=16, parallel_attn_mlp=True), F, (0, 2, 4, 6)
     else:
         cfg = ModelConfig(n_heads=1, d_model=F, d_head=F, positions="none", layernorm=False, bias=False, use_wo=False,
                           attn_scale=False, input_proj="identity", mlp_head=8)

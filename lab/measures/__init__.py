@@ -169,6 +169,9 @@ class Measures:
         if "memory_recall" in self.names:
             cfg = self.task.cfg  # the authors' wk1 runs over the fixed triggers when they are fixed
             trig = self.task.frequent_triggers if getattr(cfg, "trigger_mode", None) == "frequent" else None
+            # ff1 (a feed-forward layer in block 1): the bigram memory, over every token but the fixed triggers
+            ff1 = None if trig is None else np.setdiff1d(np.arange(self.task.n_outputs), np.asarray(trig))
             row.update(circuits.memory_recall(host, self.model.consts, self.task.n_outputs,
-                                              triggers=None if trig is None else np.asarray(trig)))
+                                              triggers=None if trig is None else np.asarray(trig),
+                                              bigram=np.asarray(self.task.pi_b), ff1_tokens=ff1))
         return row

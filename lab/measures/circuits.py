@@ -92,10 +92,20 @@ def param_norms(params: dict) -> dict[str, float]:
     return out
 
 
-def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_cutoff: int = 64) -> dict[str, float]:
-    """Bietti et al.'s associative-memory recall probes, as their ihead_basic_main.py computes them (its
-    ``test_wo1``, ``test_wk1``, ``test_wk0``), for head 0 of a 2-layer model. Each is the fraction of
-    probes whose argmax through the memory recovers the intended item:
+def _heads_as_one(w) -> np.ndarray:
+    """A layer's [heads, d_model, d_head] W_Q or W_K as one [d_model, heads * d_head] matrix: the authors' nn.Linear
+    of all heads at once, whose query-key product is the sum of the heads' scores."""
+    w = np.asarray(w)
+    return w.transpose(1, 0, 2).reshape(w.shape[1], -1)
+
+
+def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_cutoff: int = 64,
+                  bigram=None, ff1_tokens=None) -> dict[str, float]:
+    """Bietti et al.'s associative-memory probes, as their ihead_basic_main.py and ihead_full_main.py compute them
+    (``test_wo1``, ``test_wk1``, ``test_wk0``, ``test_ff1``) for a model of 2 or more layers. As theirs, a layer's
+    heads act as one linear map (W_V W_O summed over heads; queries and keys concatenated over heads, so a score
+    is the sum of the heads'), and LayerNorm and biases are left out. The first three are the fraction of probes
+    whose argmax through the memory recovers the intended item:
 
     - ``memory_recall/wo1``: token j's embedding through layer 1's W_V, W_O and the unembedding gives
       logit argmax j (the output memory: copy the attended token), over every token;
@@ -105,6 +115,10 @@ def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_
     - ``memory_recall/wk0``: the layer-0 query of position t + 1 (its position embedding) scores position t
       highest among the keys of positions 0 .. T-2, unmasked, as theirs (the previous-token memory);
       ``wk0_64``: the same over the first ``wk0_cutoff`` positions.
+    - ``memory_recall/ff1_kl`` (a model with a feed-forward layer in block 1, given the task's ``bigram``
+      conditional [n, n]): KL(bigram row of a || softmax(W_U mlp1(x_a))) averaged over the tokens
+      ``ff1_tokens`` (theirs: every token but the fixed triggers): how well layer 1's feed-forward memory
+      alone holds the global bigrams. A divergence, lower is better, not a fraction.
     """
     p = merge_consts(params, consts)
     if "0" not in p["blocks"] or "1" not in p["blocks"]:
@@ -112,21 +126,31 @@ def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_
     we = np.asarray(p["embed"]["W_E"])[:n_tokens]  # [n, d]
     wu = np.asarray(p["unembed"]["W_U"])
     a0, a1 = p["blocks"]["0"]["attn"], p["blocks"]["1"]["attn"]
+    ov = lambda layer: sum(ov_matrix(p, consts, layer, h) for h in range(len(p["blocks"][str(layer)]["attn"]["W_V"])))  # noqa: E731
     out = {}
     if wu.shape[0] == we.shape[1]:
-        ov1 = ov_matrix(p, consts, 1, 0)
-        logits = we @ ov1 @ wu[:, :n_tokens]  # [n, n]
+        logits = we @ ov(1) @ wu[:, :n_tokens]  # [n, n]
         out["memory_recall/wo1"] = float(np.mean(np.argmax(logits, 1) == np.arange(n_tokens)))
-    wo0 = np.asarray(a0["W_O"][0]) if "W_O" in a0 else np.eye(np.asarray(a0["W_V"]).shape[-1])
     toks = we if triggers is None else we[np.asarray(triggers)]
-    prev_key = toks @ np.asarray(a0["W_V"][0]) @ wo0  # [n, d]: what layer 0 writes for "previous token = b"
-    q1 = toks @ np.asarray(a1["W_Q"][0])  # [n, dh]
-    k1 = prev_key @ np.asarray(a1["W_K"][0])
+    prev_key = toks @ ov(0)  # [n, d]: what layer 0 writes for "previous token = b"
+    q1 = toks @ _heads_as_one(a1["W_Q"])  # [n, h * dh]
+    k1 = prev_key @ _heads_as_one(a1["W_K"])
     out["memory_recall/wk1"] = float(np.mean(np.argmax(q1 @ k1.T, 1) == np.arange(len(toks))))
     if "W_pos" in p.get("pos_embed", {}):
         pos = np.asarray(p["pos_embed"]["W_pos"])
-        wq0, wk0 = np.asarray(a0["W_Q"][0]), np.asarray(a0["W_K"][0])
+        wq0, wk0 = _heads_as_one(a0["W_Q"]), _heads_as_one(a0["W_K"])
         for name, pe in (("wk0", pos), (f"wk0_{wk0_cutoff}", pos[:wk0_cutoff])):
             s = (pe[1:] @ wq0) @ (pe[:-1] @ wk0).T  # [T-1 queries, T-1 keys]
             out[f"memory_recall/{name}"] = float(np.mean(np.argmax(s, 1) == np.arange(len(pe) - 1)))
+    mlp = p["blocks"]["1"].get("mlp")
+    if mlp is not None and bigram is not None and wu.shape[0] == we.shape[1]:
+        used = np.arange(n_tokens) if ff1_tokens is None else np.asarray(ff1_tokens)
+        m = {k: np.asarray(v, np.float64) for k, v in mlp.items()}
+        h = np.maximum(we[used] @ m["W_in"] + m.get("b_in", 0.0), 0.0) @ m["W_out"] + m.get("b_out", 0.0)
+        z = h @ wu + np.asarray(p["unembed"].get("b_U", 0.0))
+        logp = (z - z.max(1, keepdims=True)) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+        target = np.asarray(bigram, np.float64)[used]
+        with np.errstate(divide="ignore", invalid="ignore"):  # 0 log 0 = 0, as torch's kl_div
+            terms = np.where(target > 0, target * (np.log(target) - logp[:, :target.shape[1]]), 0.0)
+        out["memory_recall/ff1_kl"] = float(terms.sum() / len(used))
     return out

@@ -241,7 +241,10 @@ class BigramTask(Task):
             "tokens": xs,
             "targets": nxts,
             "loss_mask": icl if cfg.loss_on == "triggers" else jnp.ones(cfg.seq_len, jnp.float32),
-            "masks": {"icl": icl, "global": (~is_trig).astype(jnp.float32)},
+            # icl: the output after a trigger's second and later occurrences (only the context tells it);
+            # outputs: after every occurrence, the first included (the authors' full-model acc_end_test);
+            # global: every other position (the bigram law's)
+            "masks": {"icl": icl, "outputs": is_trig.astype(jnp.float32), "global": (~is_trig).astype(jnp.float32)},
         }
         return batch, {"triggers": triggers, "outputs": outputs}
 
