@@ -42,10 +42,10 @@ def their_logits(tb: str, npz: str, out: str) -> None:
             sd[f"layers.{i}.attention.w{n}.weight"] = t(a.transpose(1, 0, 2).reshape(d, -1).T)
         sd[f"layers.{i}.attention.wo.weight"] = t(w[f"{i}.W_O"].reshape(-1, d).T)  # [h, dh, d] -> [d, h * dh]
         for theirs, ours in (("attention_norm", "ln1"), ("ff_norm", "ln2")):
-            sd[f"layers.{i}.{theirs}.weight"], sd[f"layers.{i}.{theirs}.bias"] = t(w[f"{i}.{ours}.w"]), t(w[f"{i}.{ours}.b"])
+            sd[f"layers.{i}.{theirs}.weight"] = t(w[f"{i}.{ours}.w"])
+            sd[f"layers.{i}.{theirs}.bias"] = t(w[f"{i}.{ours}.b"])
         sd[f"layers.{i}.ff.w1.weight"], sd[f"layers.{i}.ff.w2.weight"] = t(w[f"{i}.W_in"].T), t(w[f"{i}.W_out"].T)
-    missing, unexpected = model.load_state_dict(sd, strict=True), None
-    del missing, unexpected
+    model.load_state_dict(sd, strict=True)  # every weight of theirs set, none left over
     with torch.no_grad():
         np.save(out, model(torch.from_numpy(w["tokens"]).long()).numpy())
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -68,17 +69,30 @@ def run_authors(tb: Path, python: str, steps: int, every: int, seed: int, out: P
     cmd = [python, str(runner), *(["--fast-data"] if fast else []), "--torch-seed", str(seed), m["script"],
            f"max_iters={steps}", f"eval_delta={every}", "log_probes=True", *m["flags"], "num_data_workers=1",
            *seeding, "save_dir=authors", f"root_dir={out}"]
-    p = subprocess.run(cmd, cwd=tb, capture_output=True, text=True)
+    (out / "authors").mkdir(parents=True, exist_ok=True)
+    with open(out / "authors" / "log.txt", "w") as log:  # their logging: the full script's acc_end_test is there only
+        p = subprocess.run(cmd, cwd=tb, stdout=log, stderr=subprocess.STDOUT, text=True)
     res = out / "authors" / "res.jsonl"
     if not res.is_file():
-        raise SystemExit(f"transformer-birth failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        tail = ((out / "authors" / "log.txt").read_text().strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"transformer-birth failed (exit {p.returncode}): {tail}")
     return read_authors(out, model)
 
 
+# their evaluation line: "{i} (dt_data, dt, elapsed): loss (bigram / head), acc_tot (start / end / end_test, outs)"
+LOG_LINE = re.compile(r"INFO:root:(\d+) \([^)]*\): \S+ \([^)]*\), \S+ \(\S+ / \S+ / (\S+), ")
+
+
 def read_authors(out: Path, model: str = "basic") -> dict[int, dict]:
+    """Their res.jsonl, by update count. ihead_full_main.py leaves acc_end_test out of res.jsonl and logs it only:
+    it is read from their log (log.txt) then."""
     pairs = MODELS[model]["pairs"]
     rows = [json.loads(line) for line in (out / "authors" / "res.jsonl").read_text().splitlines() if line.strip()]
-    return {r["iter"] + 1: {k: r[k] for k in pairs} for r in rows if "iter" in r}
+    logged = {}
+    if (out / "authors" / "log.txt").is_file():
+        logged = {int(m[1]): float(m[2]) for m in LOG_LINE.finditer((out / "authors" / "log.txt").read_text())}
+    return {r["iter"] + 1: {k: r.get(k, logged.get(r["iter"]) if k == "acc_end_test" else None) for k in pairs}
+            for r in rows if "iter" in r}
 
 
 def read_lab(out: Path, model: str = "basic") -> dict[int, dict]:
