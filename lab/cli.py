@@ -5,7 +5,7 @@
     lab resume RUN_DIR              continue an interrupted run from its last complete checkpoint
     lab fork RUN_DIR --step N [OVERRIDES...]   a new run from that checkpoint with changed settings
     lab replay RUN_DIR [--steps ...] [--measures ...] [OVERRIDES...]   measures over saved checkpoints
-    lab compare RUN_DIR... [--metric ...] [--baseline RUN_DIR] [--out DIR]   curves, table, HTML report
+    lab compare RUN_DIR... [--metric ...] [--baseline RUN_DIR] [--out DIR] [--wandb [online]]   curves, table, report
     lab show RUN_DIR                a one-screen summary of a run
     lab config [OVERRIDES...]       print the composed, validated config without training
 
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--baseline", default=None, help="run directory of the baseline condition")
     cp.add_argument("--threshold", type=float, default=None, help="also report the first step below this")
     cp.add_argument("--out", default="compare", help="output folder (default ./compare)")
+    cp.add_argument("--wandb", nargs="?", const="offline", default=None, metavar="MODE",
+                    help="also log the comparison to wandb as a run of job_type compare in the runs' group: "
+                         "offline (default; under OUT/wandb, `wandb sync` uploads it) or online")
     sh = sub.add_parser("show", help="one-screen summary of a run")
     sh.add_argument("run_dir")
     return p
@@ -149,7 +152,8 @@ def _replay(args) -> int:
 def _compare(args) -> int:
     from lab.comparison import compare
 
-    out = compare(args.runs, metrics=args.metric, baseline=args.baseline, out=args.out, threshold=args.threshold)
+    out = compare(args.runs, metrics=args.metric, baseline=args.baseline, out=args.out, threshold=args.threshold,
+                  wandb_mode=args.wandb)
     print((out / "table.md").read_text(), end="")
     print(f"report: {out / 'report.html'}")
     return 0

@@ -1,6 +1,8 @@
 """Put runs side by side: curves grouped by condition (mean and spread over seeds), detected
 transitions, and a table of phase-change steps against a baseline; PNG files and one
-self-contained HTML report. Also ``show``: a one-screen summary of one run.
+self-contained HTML report (every image inlined, no script: it opens offline, anywhere), with each
+condition's attention grids over training. With ``wandb``, the same as a wandb run of job_type
+``compare`` in the runs' group. Also ``show``: a one-screen summary of one run.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,9 +155,21 @@ def _fmt(v) -> str:
     return "—" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
+def attention_strip(group: list[dict], most: int = 8) -> tuple[Path | None, list[tuple[int, Path]]]:
+    """The attention grids (``RUN_DIR/attention/stepNNNNNNN.png``, drawn at checkpoints) of the group's first run
+    that has them: at most ``most`` steps, evenly spread, the first and last included."""
+    for d in group:
+        pngs = sorted((int(p.stem[4:]), p) for p in (d["dir"] / "attention").glob("step*.png") if p.stem[4:].isdigit())
+        if pngs:
+            keep = sorted({round(i) for i in np.linspace(0, len(pngs) - 1, min(most, len(pngs)))})
+            return d["dir"], [pngs[i] for i in keep]
+    return None, []
+
+
 def compare(paths, metrics: list[str] | None = None, baseline: str | None = None, out: str | Path = "compare",
-            threshold: float | None = None) -> Path:
-    """Write one PNG per metric, table.md and report.html (self-contained) into ``out``."""
+            threshold: float | None = None, wandb_mode: str | None = None) -> Path:
+    """Write one PNG per metric, table.md and report.html (self-contained) into ``out``; with ``wandb_mode``
+    (offline | online) also a wandb run of job_type ``compare`` under ``out/wandb``."""
     runs = find_runs(paths)
     base_label = None
     if baseline:
@@ -170,6 +185,8 @@ def compare(paths, metrics: list[str] | None = None, baseline: str | None = None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LabError(f"--out={out}: exists and is not a folder")
+    if wandb_mode is not None and wandb_mode not in ("online", "offline"):
+        raise LabError(f"--wandb={wandb_mode}: one of online, offline")
     for m in metrics:
         if not any(len(series(d, m, x)[0]) for g in groups.values() for d in g):
             raise LabError(f"--metric={m}: not logged by these runs")
@@ -183,26 +200,98 @@ def compare(paths, metrics: list[str] | None = None, baseline: str | None = None
         tables.append(f"## {m}\n\n{table}\n")
         parts.append((m, png, rows))
     (out / "table.md").write_text("\n".join(tables))
-    (out / "report.html").write_text(_html(parts, runs))
+    strips = {label: attention_strip(group) for label, group in groups.items()}
+    (out / "report.html").write_text(_html(parts, groups, strips))
+    if wandb_mode is not None:
+        log_comparison(out, groups, parts, strips, wandb_mode)
     return out
 
 
-def _html(parts, runs) -> str:
-    body = ["<h1>induction-lab comparison</h1>", f"<p>{len(runs)} runs</p>"]
+def _img(path: Path, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}'>"
+
+
+def _html_table(keys: list[str], rows: list[list]) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
+    return "<table>" + head + "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
+                                      for r in rows) + "</table>"
+
+
+def _run_rows(groups) -> list[list]:
+    """One row per run: condition, seed, the transition's midpoint, the circuit summary's verdict, directory."""
+    rows = []
+    for label, group in groups.items():
+        for d in group:
+            s = d["summary"]
+            ts = s.get("phase", {}).get("transitions") or []
+            main = max(ts, key=lambda t: abs(t["after"] - t["before"]))["mid"] if ts else None
+            rows.append([label, s.get("seed"), main, (s.get("circuit") or {}).get("line", "—"), str(d["dir"])])
+    return rows
+
+
+RUN_KEYS = ["condition", "seed", "transition mid (step)", "circuit", "run"]
+
+
+def _html(parts, groups, strips) -> str:
+    n = sum(len(g) for g in groups.values())
+    body = ["<h1>induction-lab comparison</h1>", f"<p>{n} runs in {len(groups)} conditions</p>"]
     for metric, png, rows in parts:
-        data = base64.b64encode(png.read_bytes()).decode()
-        name = html.escape(metric)
-        body.append(f"<h2>{name}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
+        body.append(f"<h2>{html.escape(metric)}</h2>" + _img(png, metric))
         keys = list(rows[0]) if rows else []
-        body.append("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
-        for r in rows:
-            body.append("<tr>" + "".join(f"<td>{html.escape(_fmt(r[k]))}</td>" for k in keys) + "</tr>")
-        body.append("</table>")
-    body.append("<h2>runs</h2><ul>" + "".join(f"<li>{html.escape(str(r))}</li>" for r in runs) + "</ul>")
-    style = ("body{font-family:sans-serif;max-width:960px;margin:auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
+        body.append(_html_table(keys, [[r[k] for k in keys] for r in rows]))
+    if any(steps for _, steps in strips.values()):
+        body.append("<h2>Attention over training</h2><p>Every head's pattern on the run's fixed probe sequence, "
+                    "layers by rows, heads by columns (query down, key across), at its checkpoints.</p>")
+        for label, (run, steps) in strips.items():
+            if not steps:
+                continue
+            body.append(f"<h3>{html.escape(label)} <small>({html.escape(str(run))})</small></h3><div class='strip'>")
+            body += [f"<figure>{_img(p, f'{label} step {st}')}<figcaption>step {st:,}</figcaption></figure>"
+                     for st, p in steps]
+            body.append("</div>")
+    body.append("<h2>Runs</h2>" + _html_table(RUN_KEYS, _run_rows(groups)))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}table{border-collapse:collapse;"
+             "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
+             ".strip{display:flex;gap:8px;overflow-x:auto}.strip figure{margin:0;flex:0 0 auto;width:180px}"
+             "figcaption{font-size:80%;text-align:center}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>comparison</title><style>{style}</style>" \
            f"</head><body>{''.join(body)}</body></html>\n"
+
+
+def log_comparison(out: Path, groups, parts, strips, mode: str) -> None:
+    """The comparison as a wandb run of job_type ``compare`` in the runs' group (their experiment, the one wandb
+    group they were logged to; "compare" when they come from several) and project: per metric the phase table as
+    a wandb Table (``phase_table/<metric>``) and its figure (``figure/<metric>``), each condition's attention grids
+    (``attention/<condition>``), and the runs as a Table (``runs``) with their directories. wandb failing only
+    warns: the comparison is in ``out`` already."""
+    from lab.tracking import WandbConfig, start_wandb
+
+    first = next(iter(groups.values()))[0]  # the runs' project and entity, as their config.yaml records them
+    saved = (yaml.safe_load((first["dir"] / "config.yaml").read_text()) or {}).get("tracking", {}).get("wandb", {})
+    wb = WandbConfig(mode=mode, **{k: saved[k] for k in ("project", "entity") if saved.get(k)})
+    experiments = {d["summary"].get("experiment") for g in groups.values() for d in g}
+    group = experiments.pop() if len(experiments) == 1 else "compare"
+    run = start_wandb(wb, dir=str(out.absolute()), group=group, job_type="compare", name=f"compare {group}",
+                      config={"runs": [str(d["dir"].absolute()) for g in groups.values() for d in g],
+                              "conditions": list(groups), "metrics": [m for m, _, _ in parts]})
+    if run is None:
+        return
+    try:
+        import wandb
+
+        logged = {}
+        for metric, png, rows in parts:
+            keys = list(rows[0]) if rows else []
+            logged[f"phase_table/{metric}"] = wandb.Table(columns=keys, data=[[r[k] for k in keys] for r in rows])
+            logged[f"figure/{metric}"] = wandb.Image(str(png), caption=metric)
+        for label, (_, steps) in strips.items():
+            if steps:
+                logged[f"attention/{label}"] = [wandb.Image(str(p), caption=f"step {st}") for st, p in steps]
+        logged["runs"] = wandb.Table(columns=RUN_KEYS, data=_run_rows(groups))
+        run.log(logged)
+        run.finish()
+    except Exception as e:  # wandb must never stop a comparison; everything is in `out`
+        print(f"warning: wandb comparison failed ({e}); report.html and table.md are in {out}", file=sys.stderr)
 
 
 def show(run_dir: str | Path) -> str:

@@ -75,6 +75,9 @@ class Config:
         for part in (self.task, self.model, self.optim, self.trainer, self.checkpoint, self.tracking, self.measures,
                      self.cadence):
             part.validate()
+        late = [s for s in self.tracking.attention_at if s > self.trainer.steps]
+        check(not late, "tracking.attention_at", list(self.tracking.attention_at),
+              f"steps <= trainer.steps={self.trainer.steps} (not {late})")
 
 
 def _register() -> None:

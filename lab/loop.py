@@ -92,6 +92,10 @@ class Sink:
         if self._save is not None:
             self._save(step, state)
 
+    def picture(self, step: int, state: TrainState) -> None:
+        """Draw the run at a step asked for (``tracking.attention_at``) that is no checkpoint; lab.run.RunSink's
+        draws its attention grid."""
+
 
 def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int, dict], None] | None = None,
           start_time: float | None = None) -> TrainState:
@@ -103,7 +107,8 @@ def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int
     tc, cc = cfg.trainer, cfg.checkpoint
     total, n_runs = tc.steps, len(sinks)
     ckpts = set(schedule(total, cc.every, cc.log_points, include_zero=bool(cc.every or cc.log_points)))
-    evals = set(schedule(total, tc.eval_every, tc.eval_log_points)) | ckpts
+    pics = {s for s in cfg.tracking.attention_at if s not in ckpts} if cfg.tracking.attention_images else set()
+    evals = set(schedule(total, tc.eval_every, tc.eval_log_points)) | ckpts | pics  # a picture's step is a row
     for sink in sinks:
         for r in sink.history:
             sink.cadence.observe(r["step"], r.get(trainer.watch, 0.0))
@@ -122,9 +127,9 @@ def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int
     first = [i for i in range(n_runs) if not any(r["step"] == step for r in sinks[i].history)]
     if first and (step in evals or step > 0):
         log_at(step, state, first, None)  # the start (a fork's first row)
-    if step == 0 and 0 in ckpts:
+    if step == 0 and (0 in ckpts or 0 in pics):
         for i, sink in enumerate(sinks):
-            sink.save(0, trainer.run_state(state, i))
+            (sink.save if 0 in ckpts else sink.picture)(0, trainer.run_state(state, i))
     planned: list[int | None] = [None] * n_runs
     last_t, last_step = time.perf_counter(), step
     while step < total:
@@ -146,6 +151,8 @@ def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int
             planned[i] = None
             if stop in ckpts or (dense and cfg.cadence.checkpoint_dense):
                 sinks[i].save(stop, trainer.run_state(state, i))
+            elif stop in pics:
+                sinks[i].picture(stop, trainer.run_state(state, i))
     return state
 
 

@@ -87,7 +87,11 @@ class RunSink(Sink):
 
     def save(self, step: int, state: TrainState) -> None:
         self.checkpointer.save(step, state.saved(), self.config)
-        if self.pictures is not None:  # the heads' attention at every checkpoint: attention/step0001000.png
+        self.picture(step, state)  # the heads' attention at every checkpoint
+
+    def picture(self, step: int, state: TrainState) -> None:
+        """attention/step0001000.png and the wandb image ``attention`` at that step."""
+        if self.pictures is not None:
             path = self.pictures.save(state.params, self.dir / "attention" / f"step{step:07d}.png")
             self.tracker.image("attention", path, step, caption=f"step {step}: rows layers L0.., columns heads "
                                "H0..; query down, key across; dark = attended")

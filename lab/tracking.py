@@ -40,9 +40,15 @@ class WandbConfig:
 class TrackingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     attention_images: bool = True  # every head's attention on a fixed probe at each checkpoint (lab/pictures.py)
+    # more steps to draw them at, on request (each becomes a logged row too): tracking.attention_at=[150,175,200]
+    attention_at: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         self.wandb.validate()
+        check(all(isinstance(s, int) and s >= 0 for s in self.attention_at), "tracking.attention_at",
+              list(self.attention_at), "a list of steps >= 0")
+        check(self.attention_images or not self.attention_at, "tracking.attention_at", list(self.attention_at),
+              "needs tracking.attention_images=true")
 
 
 def _clean(v):
@@ -83,30 +89,19 @@ class Tracker:
         self.run = None
         self.sequences_per_step = sequences_per_step
         wb = cfg.wandb
-        if wb.mode == "disabled":
-            return
-        os.environ.setdefault("WANDB_SILENT", "true")
-        kwargs = dict(dir=str(run_dir), project=wb.project, entity=wb.entity, group=wb.group or group,
-                      job_type=wb.job_type or job_type, tags=list(wb.tags), name=name, config=config,
-                      id=wandb_id(run_dir) + wandb_id_suffix, resume="allow" if resume else None,
-                      reinit="create_new")  # batched runs open several wandb runs in one process
-        modes = [wb.mode] + (["offline"] if wb.mode == "online" else [])
-        for mode in modes:  # online that cannot start (no key, no network, no service) falls back to offline
-            try:
-                import wandb
+        self.run = start_wandb(wb, dir=str(run_dir), group=wb.group or group, job_type=wb.job_type or job_type,
+                               name=name, config=config, id=wandb_id(run_dir) + wandb_id_suffix,
+                               resume="allow" if resume else None)
+        if self.run is not None:
+            import wandb
 
-                settings = wandb.Settings(console="off", quiet=True, init_timeout=wb.init_timeout)
-                self.run = wandb.init(mode=mode, settings=settings, **kwargs)
-                self._image = wandb.Image
-                if sequences_per_step:
+            self._image = wandb.Image
+            if sequences_per_step:
+                try:
                     self.run.define_metric("sequences_seen")
                     self.run.define_metric("*", step_metric="sequences_seen")
-                break
-            except Exception as e:  # wandb must never stop a run
-                then = "logging offline" if mode == "online" else "logging to metrics.jsonl only"
-                warnings.warn(f"wandb could not start in {mode} mode ({type(e).__name__}: {_first_line(e)}); {then}",
-                              stacklevel=2)
-                self.run = None
+                except Exception as e:  # wandb must never stop a run
+                    print(f"warning: wandb define_metric failed ({e}); continuing", file=sys.stderr)
 
     def log(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
@@ -148,6 +143,28 @@ class Tracker:
             except Exception as e:  # wandb must never stop a run; its offline files stay for `wandb sync`
                 print(f"warning: wandb finish failed ({e})", file=sys.stderr)
             self.run = None
+
+
+def start_wandb(wb: WandbConfig, **kwargs):
+    """A wandb run in ``wb.mode`` (kwargs: wandb.init's), or None. Online that cannot start (no key, no network, no
+    service) falls back to offline; a wandb that cannot start at all warns once and gives None: wandb must never stop
+    a run or a comparison."""
+    if wb.mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    kwargs = dict(project=wb.project, entity=wb.entity, tags=list(wb.tags),
+                  reinit="create_new", **kwargs)  # batched runs open several wandb runs in one process
+    for mode in [wb.mode] + (["offline"] if wb.mode == "online" else []):
+        try:
+            import wandb
+
+            settings = wandb.Settings(console="off", quiet=True, init_timeout=wb.init_timeout)
+            return wandb.init(mode=mode, settings=settings, **kwargs)
+        except Exception as e:  # wandb must never stop a run
+            then = "logging offline" if mode == "online" else "logging locally only"
+            warnings.warn(f"wandb could not start in {mode} mode ({type(e).__name__}: {_first_line(e)}); {then}",
+                          stacklevel=3)
+    return None
 
 
 def _first_line(e: Exception) -> str:

@@ -172,6 +172,7 @@ def test_bad_input(parent, tmp_path, capsys):
         (["train", "+measures.clamps.f={site:blocks.0.hook_attn_out,value:frozen}"], "measures.clamps.f.value"),
         (["compare", str(src), str(other), "--out", str(tmp_path / "c")], "incompatible"),
         (["compare", str(src), "--metric", "nope/loss", "--out", str(tmp_path / "c")], "--metric=nope/loss"),
+        (["compare", str(src), "--wandb", "sometimes", "--out", str(tmp_path / "c")], "--wandb=sometimes"),
         (["show", str(tmp_path / "nope")], "not a run directory"),
     ]
     for argv, text in cases:

@@ -120,3 +120,89 @@ def test_an_attention_grid_tile_is_its_heads_pattern():
         py, px = y0 + (q * TILE) // t + 1, x0 + (k * TILE) // t + 1
         assert abs(grid[py, px, 0] - (1.0 - pat[q, k])) < 0.02, (q, k)
     assert np.all(grid[:TILE, TILE:TILE + GAP] == 1.0)  # white gaps between heads
+
+
+def test_compare_logs_the_phase_table_figures_and_attention_as_a_compare_run(batch, tmp_path):
+    from lab.comparison import compare
+
+    out = compare([batch], out=tmp_path / "cmp", wandb_mode="offline")
+    (log_dir,) = list((out / "wandb").glob("offline-run-*"))
+    p = subprocess.run([str(WANDB), "leet", "inspect", "--json", str(log_dir)], capture_output=True, text=True,
+                       timeout=120)
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    (run,) = [x["run"] for x in recs if x["type"] == "run"]
+    assert run["job_type"] == "compare" and run["run_group"] == "demo" and run["project"] == "induction-lab"
+    assert sorted(run["config"]["update"]["runs"]) == sorted(str((batch / d).absolute())
+                                                            for d in ("none-s0", "prev_token-s0"))
+    (item,) = [x["history"]["item"] for x in recs if x["type"] == "history"]
+    metric = run["config"]["update"]["metrics"][0]
+    assert item[f"phase_table/{metric}._type"] == "table-file"
+    table = json.loads((log_dir / "files" / item[f"phase_table/{metric}.path"]).read_text())
+    # the wandb table holds, per condition, the transition each run's summary.json found
+    by_condition = {row[0]: dict(zip(table["columns"], row, strict=True)) for row in table["data"]}
+    assert set(by_condition) == {"demo/none", "demo/prev_token"}
+    for cond in ("none", "prev_token"):
+        ph = json.loads((batch / f"{cond}-s0" / "summary.json").read_text())["phase"]
+        assert ph["metric"] == metric
+        mids = [t["mid"] for t in ph["transitions"]]
+        got = by_condition[f"demo/{cond}"]["transition_mid (step)"]
+        assert (got is None and not mids) or any(got == pytest.approx(m, rel=0.05) for m in mids)
+        assert item[f"attention/demo/{cond}.count"] == 3  # the checkpoints' grids, 0, 100 and 200
+        assert item[f"attention/demo/{cond}.captions"] == ["step 0", "step 100", "step 200"]
+    assert item[f"figure/{metric}._type"] == "image-file"
+    assert (log_dir / "files" / item[f"figure/{metric}.path"]).stat().st_size > 10_000
+    runs = json.loads((log_dir / "files" / item["runs.path"]).read_text())
+    assert sorted(r[-1] for r in runs["data"]) == sorted(str(batch / d) for d in ("none-s0", "prev_token-s0"))
+
+
+@pytest.mark.slow
+def test_report_html_renders_in_headless_chromium_with_every_image_and_no_error(batch, tmp_path):
+    """The comparison's report.html opens in a real browser (Debian's chromium, driven by playwright), offline:
+    every image decodes, nothing is fetched from anywhere, the console stays free of errors."""
+    from playwright.sync_api import sync_playwright
+
+    from lab.comparison import compare
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the slow tests need Debian's chromium (`apt-get install chromium`; .ci/run installs it)"
+    out = compare([batch], out=tmp_path / "cmp")
+    report = out / "report.html"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors, fetched = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: fetched.append(r.url) if not r.url.startswith(("data:", "file:")) else None)
+        page.goto(report.as_uri(), wait_until="load")
+        images = page.evaluate("[...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])")
+        text = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert errors == [] and fetched == []
+    # one curve per metric, and each condition's attention grid at its 3 checkpoints
+    assert len(images) == 1 + 2 * 3
+    assert all(ok and w > 100 and h > 100 for _, ok, w, h in images), images
+    assert {alt for alt, *_ in images} >= {"demo/none step 200", "demo/prev_token step 0"}
+    assert "Attention over training" in text and "demo/prev_token" in text
+    assert (tmp_path / "report.png").stat().st_size > 20_000
+
+
+def test_attention_pictures_on_request_at_steps_that_are_no_checkpoint(tmp_path):
+    """tracking.attention_at draws the grid at the asked steps too: each is a logged row, a PNG and a wandb image;
+    the checkpoints are where they were."""
+    from lab.errors import ConfigError
+    from lab.run import train_run
+    from tests.conftest import TINY
+
+    ov = TINY + ["tracking.attention_at=[5,25]", "tracking.wandb.mode=offline", f"run.dir={tmp_path / 'r'}"]
+    run_dir = train_run(*load_config(ov), quiet=True)
+    assert sorted(p.name for p in (run_dir / "attention").glob("*.png")) == [
+        "step0000000.png", "step0000005.png", "step0000025.png", "step0000030.png", "step0000060.png"]
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert 5 in steps and 25 in steps and json.loads((run_dir / "summary.json").read_text())["checkpoints"] == [
+        0, 30, 60]
+    hist = [x["history"]["item"] for x in wandb_records(run_dir) if x["type"] == "history"]
+    assert [h["_step"] for h in hist if h.get("attention._type") == "image-file"] == [0, 5, 25, 30, 60]
+    with pytest.raises(ConfigError, match=r"tracking.attention_at.*trainer.steps=60"):
+        load_config(TINY + ["tracking.attention_at=[90]"])
