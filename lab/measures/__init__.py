@@ -18,7 +18,7 @@ import numpy as np
 from lab.errors import check
 from lab.measures import attention as att
 from lab.measures import circuits
-from lab.measures.llc import estimate_llc
+from lab.measures.llc import SAMPLERS, LLCSettings, default_nbeta, estimate
 from lab.tasks.base import vmap_sequences
 from lab.tasks.repeat import copy_layout, length_table
 
@@ -46,11 +46,14 @@ class MeasuresConfig:
     # progress measure by clamp: the current model's loss on each evaluator with these clamps on,
     # logged as <evaluator>@<name>/loss (mappings of clamp fields, as in `clamps`)
     clamps: dict[str, Any] = field(default_factory=dict)
-    # local learning coefficient (`llc` in names): SGLD around the current parameters
-    llc_steps: int = 200
+    # local learning coefficient (`llc` in names): SGLD chains around the current parameters (lab/measures/llc.py)
+    llc_sampler: str = "sgld"  # sgld | rmsprop_sgld
+    llc_chains: int = 4
+    llc_steps: int = 200  # per chain, burn-in included
+    llc_burn_in: int = 50
     llc_eps: float = 1e-4
     llc_gamma: float = 100.0
-    llc_n: int = 10000  # the n of n·β (β = 1/log n): an effective data-set size
+    llc_nbeta: float | None = None  # nβ; default devinterp's: b / ln b for the SGLD minibatch of b sequences
     llc_seed: int = 0
 
     def validate(self) -> None:
@@ -58,9 +61,20 @@ class MeasuresConfig:
             check(n in ALL or n in ("auto", "none"), "measures.names", list(self.names),
                   f"each one of auto, none, {', '.join(ALL)}")
         check(self.probe_size >= 1, "measures.probe_size", self.probe_size, "must be >= 1")
-        check(self.llc_steps >= 4, "measures.llc_steps", self.llc_steps, "must be >= 4")
+        check(self.llc_sampler in SAMPLERS, "measures.llc_sampler", self.llc_sampler, f"one of {', '.join(SAMPLERS)}")
+        check(self.llc_chains >= 1, "measures.llc_chains", self.llc_chains, "must be >= 1")
+        check(0 <= self.llc_burn_in < self.llc_steps, "measures.llc_burn_in", self.llc_burn_in,
+              f"must be in [0, measures.llc_steps={self.llc_steps})")
         check(self.llc_eps > 0, "measures.llc_eps", self.llc_eps, "must be > 0")
-        check(self.llc_n >= 2, "measures.llc_n", self.llc_n, "must be >= 2")
+        check(self.llc_gamma >= 0, "measures.llc_gamma", self.llc_gamma, "must be >= 0")
+        check(self.llc_nbeta is None or self.llc_nbeta > 0, "measures.llc_nbeta", self.llc_nbeta,
+              "must be > 0 or null (devinterp's default)")
+
+
+def llc_settings(cfg: MeasuresConfig, batch_size: int) -> LLCSettings:
+    """The LLC sampler settings of the measures config, for SGLD minibatches of ``batch_size`` sequences."""
+    return LLCSettings(nbeta=cfg.llc_nbeta or default_nbeta(batch_size), sampler=cfg.llc_sampler, eps=cfg.llc_eps,
+                       gamma=cfg.llc_gamma, chains=cfg.llc_chains, steps=cfg.llc_steps, burn_in=cfg.llc_burn_in)
 
 
 def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
@@ -124,10 +138,13 @@ class Measures:
         self.fn = jax.jit(self._attention)
         self.llc_fn = None
         if "llc" in self.names and loss_fn is not None:
+            self.llc_settings = llc_settings(cfg, batch_size)
+
             def llc(params):
-                return estimate_llc(loss_fn, params, lambda k: task.sample(k, batch_size),
-                                    jax.random.PRNGKey(cfg.llc_seed), steps=cfg.llc_steps, eps=cfg.llc_eps,
-                                    gamma=cfg.llc_gamma, n=cfg.llc_n, trainable=trainable)
+                r = estimate(loss_fn, params, lambda k: task.sample(k, batch_size), jax.random.PRNGKey(cfg.llc_seed),
+                             self.llc_settings, trainable=trainable)
+                return {"llc/mean": r["mean"], "llc/std_err": r["std_err"], "llc/below_start": r["below_start"].mean(),
+                        "llc/finite_chains": jnp.sum(jnp.all(jnp.isfinite(r["loss"]), axis=1))}
 
             self.llc_fn = jax.jit(llc)
 
@@ -151,7 +168,7 @@ class Measures:
     def __call__(self, params) -> dict[str, float]:
         row = {k: float(v) for k, v in jax.device_get(self.fn(params, self.probe, self.token_probe)).items()}
         if self.llc_fn is not None:
-            row["llc/estimate"] = float(self.llc_fn(params))
+            row.update({k: float(v) for k, v in jax.device_get(self.llc_fn(params)).items()})
         if any(n in WEIGHTS for n in self.names):
             with np.errstate(over="ignore", invalid="ignore"):  # weights on their way to diverging: inf, not noise
                 row.update(self._weight_measures(jax.device_get(params)))
