@@ -69,6 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--wandb", nargs="?", const="offline", default=None, metavar="MODE",
                     help="also log the comparison to wandb as a run of job_type compare in the runs' group: "
                          "offline (default; under OUT/wandb, `wandb sync` uploads it) or online")
+    lc = sub.add_parser("llc", help="the LLC at every checkpoint (whole model, layers, heads) as one program")
+    lc.add_argument("run_dir")
+    lc.add_argument("--restrict", default="all", help="comma-separated: all, L<l>, L<l>H<h> (default all)")
+    lc.add_argument("--steps", default=None, help="checkpoint steps (default all), e.g. 0,500,1000")
+    lc.add_argument("--sampler", default=None, help="sgld | rmsprop_sgld (default: the run's measures.llc_sampler)")
+    for name, kind in (("chains", int), ("chain-steps", int), ("burn-in", int), ("eps", float), ("gamma", float),
+                       ("nbeta", float), ("batch-size", int), ("seed", int)):
+        lc.add_argument(f"--{name}", type=kind, default=None)
+    lc.add_argument("--wandb", nargs="?", const="offline", default=None, metavar="MODE",
+                    help="log to wandb (default: as the run's tracking.wandb.mode)")
+    lc.add_argument("--quiet", action="store_true")
+    dy = sub.add_parser("dynamics", help="essential dynamics: PCA of the outputs across checkpoints, turning points")
+    dy.add_argument("run_dir")
+    dy.add_argument("--components", type=int, default=3)
+    dy.add_argument("--probe", type=int, default=64, help="probe sequences (the first evaluation set's first N)")
     sh = sub.add_parser("show", help="one-screen summary of a run")
     sh.add_argument("run_dir")
     return p
@@ -159,6 +174,61 @@ def _compare(args) -> int:
     return 0
 
 
+def _llc(args) -> int:
+    import dataclasses
+
+    from lab.config import from_yaml
+    from lab.devinterp import llc_over_checkpoints
+    from lab.errors import LabError, check
+    from lab.measures import llc_settings
+    from lab.measures.llc import SAMPLERS
+    from lab.rundir import check_run_dir
+
+    cfg, _ = from_yaml(check_run_dir(args.run_dir) / "config.yaml")
+    b = args.batch_size or cfg.trainer.batch_size
+    check(b >= 1, "--batch-size", b, "must be >= 1")
+    s = llc_settings(cfg.measures, b)
+    given = {"sampler": args.sampler, "chains": args.chains, "steps": args.chain_steps, "burn_in": args.burn_in,
+             "eps": args.eps, "gamma": args.gamma, "nbeta": args.nbeta}
+    s = dataclasses.replace(s, **{k: v for k, v in given.items() if v is not None})
+    check(s.sampler in SAMPLERS, "--sampler", s.sampler, f"one of {', '.join(SAMPLERS)}")
+    check(s.chains >= 1, "--chains", s.chains, "must be >= 1")
+    check(0 <= s.burn_in < s.steps, "--burn-in", s.burn_in, f"must be in [0, steps={s.steps})")
+    for name in ("eps", "nbeta"):
+        check(getattr(s, name) > 0, f"--{name}", getattr(s, name), "must be > 0")
+    steps = None
+    if args.steps:
+        try:
+            steps = [int(x) for x in args.steps.split(",") if x]
+        except ValueError as e:
+            raise LabError(f"--steps={args.steps}: comma-separated checkpoint steps") from e
+    if args.wandb not in (None, "online", "offline"):
+        raise LabError(f"--wandb={args.wandb}: one of online, offline")
+    out = llc_over_checkpoints(args.run_dir, s, restrict=[r for r in args.restrict.split(",") if r], steps=steps,
+                               batch_size=b, seed=args.seed or 0, wandb_mode=args.wandb, quiet=args.quiet)
+    print(out)
+    return 0
+
+
+def _dynamics(args) -> int:
+    import json
+
+    from lab.devinterp import essential_dynamics
+    from lab.errors import check
+
+    check(args.components >= 1, "--components", args.components, "must be >= 1")
+    check(args.probe >= 1, "--probe", args.probe, "must be >= 1")
+    out = essential_dynamics(args.run_dir, components=args.components, probe=args.probe)
+    doc = json.loads((out / "dynamics.json").read_text())
+    for tp in doc["turning_points"]:
+        near = tp["nearest_transition"]
+        print(f"turning point: steps {tp['from_step']}-{tp['to_step']} (extremum at {tp['step']})" +
+              (f"; nearest transition {near['onset']:.0f}-{near['end']:.0f}, {tp['steps_from_transition']:.0f} "
+               "steps away" if near else ""))
+    print(out)
+    return 0
+
+
 def _show(args) -> int:
     from lab.comparison import show
 
@@ -167,7 +237,7 @@ def _show(args) -> int:
 
 
 COMMANDS = {"train": _train, "config": _config, "resume": _resume, "fork": _fork, "replay": _replay,
-            "compare": _compare, "show": _show}
+            "compare": _compare, "show": _show, "llc": _llc, "dynamics": _dynamics}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,11 +157,14 @@ def _fmt(v) -> str:
 
 def attention_strip(group: list[dict], most: int = 8) -> tuple[Path | None, list[tuple[int, Path]]]:
     """The attention grids (``RUN_DIR/attention/stepNNNNNNN.png``, drawn at checkpoints) of the group's first run
-    that has them: at most ``most`` steps, evenly spread, the first and last included."""
+    that has them: at most ``most``, the first and last steps and the checkpoints nearest to evenly spaced steps
+    between (checkpoints crowd the start, log-spaced; the birth is usually late)."""
     for d in group:
         pngs = sorted((int(p.stem[4:]), p) for p in (d["dir"] / "attention").glob("step*.png") if p.stem[4:].isdigit())
         if pngs:
-            keep = sorted({round(i) for i in np.linspace(0, len(pngs) - 1, min(most, len(pngs)))})
+            at = np.array([st for st, _ in pngs], float)
+            want = np.linspace(at[0], at[-1], min(most, len(pngs)))
+            keep = sorted({int(np.argmin(np.abs(at - w))) for w in want})
             return d["dir"], [pngs[i] for i in keep]
     return None, []
 
@@ -252,7 +255,7 @@ def _html(parts, groups, strips) -> str:
     body.append("<h2>Runs</h2>" + _html_table(RUN_KEYS, _run_rows(groups)))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}table{border-collapse:collapse;"
              "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
-             ".strip{display:flex;gap:8px;overflow-x:auto}.strip figure{margin:0;flex:0 0 auto;width:180px}"
+             ".strip{display:flex;flex-wrap:wrap;gap:8px}.strip figure{margin:0;flex:0 0 auto;width:180px}"
              "figcaption{font-size:80%;text-align:center}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>comparison</title><style>{style}</style>" \
            f"</head><body>{''.join(body)}</body></html>\n"

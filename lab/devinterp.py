@@ -1,0 +1,270 @@
+"""Developmental interpretability over a run's checkpoints: the LLC at every checkpoint (whole model, per layer,
+per head) as one vmapped program, and essential dynamics (PCA of the model's outputs across checkpoints).
+
+``lab llc RUN`` restores every complete checkpoint, stacks their parameters on a leading axis and runs
+checkpoints x chains SGLD chains as one jitted program per restriction (lab/measures/llc.py); it writes
+``RUN_DIR/llc/llc.json`` (per step and restriction: the estimate, its standard error over chains, each chain's
+estimate, the fraction of draws below the start, the diagnostics), ``traces.npz`` (every chain's loss trace)
+and ``llc.png`` (LLC against step, the run's detected transitions marked), and logs the same to wandb as a run of
+job_type ``llc`` in the run's group.
+
+A restriction (``all``, ``L1``, ``L1H0``) lets only those weights move: a layer's every parameter, or a head's
+slices of W_Q, W_K, W_V, W_O (and b_Q, b_K, b_V); the rest stay at the checkpoint. Frozen parameters never move.
+
+``lab dynamics RUN`` (essential dynamics): the log-probabilities of every checkpoint on a fixed probe set (the
+first sequences of the task's first evaluation set, at its loss positions), PCA across checkpoints, the
+trajectory in the top components with step as colour, its turning points (where a top component turns back,
+by more than ``prominence`` of its range), and each turning point's nearest detected transition.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lab.config import from_yaml
+from lab.errors import LabError
+from lab.measures.llc import LLCSettings, diagnose, estimate
+from lab.plots import plt
+from lab.rundir import check_run_dir, complete_steps, restore_state
+
+RESTRICTION = re.compile(r"^(all|L(\d+)|L(\d+)H(\d+))$")
+
+
+def load_checkpoints(run_dir: Path, steps: list[int] | None = None):
+    """(trainer, steps, parameters of every checkpoint stacked on a leading axis)."""
+    from lab.trainer import Trainer
+
+    cfg, _ = from_yaml(run_dir / "config.yaml")  # the run's own resolved config, whatever configs/ says now
+    have = complete_steps(run_dir)
+    want = have if steps is None else steps
+    missing = [s for s in want if s not in have]
+    if not want or missing:
+        raise LabError(f"--steps={missing or want}: no complete checkpoint there in {run_dir}; have {have}")
+    trainer = Trainer(cfg)
+    params = [restore_state(trainer, run_dir, s).params for s in want]
+    return trainer, list(want), jax.tree_util.tree_map(lambda *x: jnp.stack(x), *params)
+
+
+def restriction_mask(params: dict, spec: str, trainable) -> dict:
+    """Bools like ``params`` (element by element): what a restricted LLC lets move. ``spec``: all | L{l} |
+    L{l}H{h}; a head owns its slices of W_Q, W_K, W_V (and b_Q, b_K, b_V) and of W_O."""
+    m = RESTRICTION.match(spec)
+    if m is None:
+        raise LabError(f"--restrict={spec}: one of all, L<layer>, L<layer>H<head> (e.g. L1H0)")
+    layer = m.group(2) or m.group(3)
+    head = int(m.group(4)) if m.group(4) is not None else None
+    blocks = params["blocks"]
+    if layer is not None and layer not in blocks:
+        raise LabError(f"--restrict={spec}: the model's layers are L0..L{len(blocks) - 1}")
+    if head is not None and head >= blocks[layer]["attn"]["W_K"].shape[0]:
+        raise LabError(f"--restrict={spec}: layer {layer}'s heads are H0..H{blocks[layer]['attn']['W_K'].shape[0] - 1}")
+
+    def leaf(path, x, t):
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        on = np.zeros(x.shape, bool)
+        if spec == "all":
+            on[...] = True
+        elif names[:2] == ["blocks", layer]:
+            if head is None:
+                on[...] = True
+            elif len(names) == 4 and names[2] == "attn" and names[3] in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K",
+                                                                           "b_V"):
+                on[head] = True
+        return jnp.asarray(on & np.asarray(t, bool))
+
+    return jax.tree_util.tree_map_with_path(leaf, params, trainable)
+
+
+def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict: list[str] = ("all",),
+                         steps: list[int] | None = None, batch_size: int | None = None, seed: int = 0,
+                         wandb_mode: str | None = None, quiet: bool = False) -> Path:
+    """The LLC of every checkpoint, for each restriction; see the module doc. Returns RUN_DIR/llc."""
+    from lab.measures import llc_settings
+
+    run_dir = check_run_dir(run_dir)
+    trainer, steps, stacked = load_checkpoints(run_dir, steps)
+    cfg = trainer.cfg
+    b = batch_size or cfg.trainer.batch_size
+    s = settings or llc_settings(cfg.measures, b)
+    one = jax.tree_util.tree_map(lambda x: x[0], stacked)  # (frozen_mask below reads names, not values)
+    trainable = jax.tree_util.tree_map(lambda f: not f, trainer.model.frozen_mask(one))
+    masks = {r: restriction_mask(one, r, trainable) for r in restrict}  # bad specs fail before any work
+    out = run_dir / "llc"
+    out.mkdir(exist_ok=True)
+    sample = lambda k: trainer.task.sample(k, b)  # noqa: E731
+    results, traces = {}, {}
+    for i, r in enumerate(restrict):
+        if not quiet:
+            print(f"llc {r}: {len(steps)} checkpoints x {s.chains} chains x {s.steps} steps, one program",
+                  file=sys.stderr)
+        run = jax.jit(jax.vmap(lambda p, k, m=masks[r]: estimate(trainer.loss, p, sample, k, s, trainable=m)))
+        keys = jax.random.split(jax.random.PRNGKey(seed + i), len(steps))
+        res = jax.device_get(run(stacked, keys))
+        traces[r] = np.asarray(res["loss"]) - np.asarray(res["ref"])
+        results[r] = [{"step": st, "llc": float(res["mean"][j]), "std_err": float(res["std_err"][j]),
+                       "chains": [float(x) for x in res["llc"][j]],
+                       "below_start": [float(x) for x in res["below_start"][j]],
+                       "diagnostics": diagnose({k: v[j] for k, v in res.items()}, s)} for j, st in enumerate(steps)]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    transitions = summary.get("phase", {}).get("transitions", [])
+    doc = {"run_dir": str(run_dir), "settings": asdict(s), "batch_size": b, "seed": seed, "steps": steps,
+           "restrictions": results, "transitions": transitions}
+    (out / "llc.json").write_text(json.dumps(doc, indent=2))
+    np.savez_compressed(out / "traces.npz", **{r: t for r, t in traces.items()})  # nβ (loss - start) per step
+    plot_llc(results, transitions, out / "llc.png", title=f"{cfg.experiment}: LLC over checkpoints ({run_dir.name})")
+    if wandb_mode or cfg.tracking.wandb.mode != "disabled":
+        _log_llc(run_dir, cfg, results, s, out / "llc.png", wandb_mode)
+    return out
+
+
+def plot_llc(results: dict, transitions: list[dict], path: Path, title: str = "") -> None:
+    """LLC against step with its standard error; the whole model's on the left axis, restricted ones (a layer's,
+    a head's: far smaller) on the right."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    twin = ax.twinx() if any(r != "all" for r in results) and "all" in results else None
+    for i, (r, rows) in enumerate(results.items()):
+        x = np.array([row["step"] for row in rows], float)
+        y = np.array([row["llc"] for row in rows])
+        e = np.array([row["std_err"] for row in rows])
+        on = twin if (twin is not None and r != "all") else ax
+        on.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, color=f"C{i}", label=f"LLC {r}")
+        on.set_ylabel("LLC (restricted)" if on is twin or r != "all" else "LLC (whole model)")
+    for t in transitions:
+        ax.axvline(t["mid"], color="gray", ls="--", lw=1)
+        ax.axvspan(t["onset"], t["end"], color="gray", alpha=0.1)
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=10)
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _log_llc(run_dir: Path, cfg, results: dict, s: LLCSettings, png: Path, mode: str | None) -> None:
+    """The estimates at each checkpoint step, as a wandb run of job_type ``llc`` in the run's group."""
+    from lab.tracking import WandbConfig, start_wandb, wandb_id
+
+    wb = WandbConfig(**{**asdict(cfg.tracking.wandb), **({"mode": mode} if mode else {})})
+    run = start_wandb(wb, dir=str(run_dir), group=wb.group or cfg.experiment, job_type="llc",
+                      name=f"{run_dir.name}-llc", id=wandb_id(run_dir) + "llc",
+                      config={"llc_of": {"run_dir": str(run_dir.absolute()), "wandb_id": wandb_id(run_dir)},
+                              "settings": asdict(s)})
+    if run is None:
+        return
+    try:
+        import wandb
+
+        steps = [row["step"] for row in next(iter(results.values()))]
+        for j, st in enumerate(steps):
+            row = {}
+            for r, rows in results.items():
+                key = "llc/mean" if r == "all" else f"llc/{r}"
+                row[key], row[key.replace("llc/", "llc_se/")] = rows[j]["llc"], rows[j]["std_err"]
+            run.log(row, step=int(st))
+        run.log({"llc/figure": wandb.Image(str(png))}, step=int(steps[-1]))
+        run.finish()
+    except Exception as e:  # wandb must never stop the work; everything is in RUN_DIR/llc
+        print(f"warning: wandb llc logging failed ({e}); continuing", file=sys.stderr)
+
+
+# ---- essential dynamics --------------------------------------------------------------------------------------
+def turning_points(coords: np.ndarray, prominence: float = 0.1, flat: float = 0.05) -> list[tuple[int, int, int]]:
+    """Where one of the top components turns back: a local maximum or minimum of the coordinate whose topographic
+    prominence (scipy.signal's: the drop to the higher of the two bases on either side) exceeds ``prominence`` of
+    the coordinate's range; wiggles on a plateau turn back too, by far less. A turn can be flat-bottomed (a
+    plateau between two moves): each is given as (first, extremum, last) indices, the run of checkpoints within
+    ``flat`` of the range of the extremum's value, so the turn is a span of steps, not a noisy point in it."""
+    from scipy.signal import find_peaks
+
+    found = {}
+    for c in range(coords.shape[1]):
+        x = coords[:, c]
+        span = float(np.ptp(x)) or 1.0
+        for sign in (1, -1):
+            for i in find_peaks(sign * x, prominence=prominence * span)[0]:
+                near = np.abs(x - x[i]) <= flat * span
+                lo, hi = int(i), int(i)
+                while lo > 0 and near[lo - 1]:
+                    lo -= 1
+                while hi < len(x) - 1 and near[hi + 1]:
+                    hi += 1
+                found[(lo, hi)] = (lo, int(i), hi)
+    return sorted(found.values())
+
+
+def essential_dynamics(run_dir, components: int = 3, probe: int = 64, steps: list[int] | None = None,
+                       prominence: float = 0.1) -> Path:
+    """PCA of the log-probabilities across checkpoints; see the module doc. Returns RUN_DIR/dynamics."""
+    run_dir = check_run_dir(run_dir)
+    trainer, steps, stacked = load_checkpoints(run_dir, steps)
+    if len(steps) < 3:
+        raise LabError(f"run_dir={run_dir}: essential dynamics needs >= 3 checkpoints, it has {len(steps)}")
+    batch = jax.tree_util.tree_map(lambda a: a[:probe], next(iter(trainer.task.evals.values())))
+    where = np.asarray(batch["loss_mask"]) > 0  # the positions the loss reads: [probe, pos]
+
+    def outputs(p):
+        return jax.nn.log_softmax(trainer.model.apply(p, batch), axis=-1)
+
+    logp = np.asarray(jax.device_get(jax.jit(jax.vmap(outputs))(stacked)))  # [ckpt, probe, pos, vocab]
+    x = logp[:, where].reshape(len(steps), -1).astype(np.float64)
+    x -= x.mean(0)
+    u, sv, _ = np.linalg.svd(x, full_matrices=False)
+    k = min(components, len(steps) - 1)
+    coords = u[:, :k] * sv[:k]
+    explained = (sv[:k] ** 2 / (sv ** 2).sum()).tolist()
+    turns = turning_points(coords[:, : min(2, k)], prominence)  # the top two: the rest is mostly noise
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    transitions = summary.get("phase", {}).get("transitions", [])
+    tp = []
+    for lo, i, hi in turns:  # the turn's span [steps[lo], steps[hi]] against each transition's [onset, end]
+        gap = lambda t, a=steps[lo], b=steps[hi]: max(t["onset"] - b, a - t["end"], 0.0)  # noqa: E731 (0: overlap)
+        near = min(transitions, key=gap) if transitions else None
+        tp.append({"step": steps[i], "from_step": steps[lo], "to_step": steps[hi],
+                   "nearest_transition": near and {k: near[k] for k in ("onset", "mid", "end")},
+                   "steps_from_transition": near and gap(near)})
+    out = run_dir / "dynamics"
+    out.mkdir(exist_ok=True)
+    doc = {"run_dir": str(run_dir), "steps": steps, "probe_sequences": int(probe), "features": int(x.shape[1]),
+           "explained_variance": explained, "coords": coords.tolist(), "turning_points": tp,
+           "transitions": transitions}
+    (out / "dynamics.json").write_text(json.dumps(doc, indent=2))
+    plot_dynamics(np.asarray(steps), coords, turns, transitions, explained, out / "dynamics.png",
+                  title=f"{trainer.cfg.experiment}: essential dynamics ({run_dir.name})")
+    return out
+
+
+def plot_dynamics(steps, coords, turns, transitions, explained, path: Path, title: str = "") -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if coords.shape[1] >= 2:
+        a.plot(coords[:, 0], coords[:, 1], color="lightgray", lw=1, zorder=1)
+        sc = a.scatter(coords[:, 0], coords[:, 1], c=steps, cmap="viridis", s=25, zorder=2)
+        at = [i for _, i, _ in turns]
+        a.scatter(coords[at, 0], coords[at, 1], marker="x", color="red", s=80, zorder=3, label="turning point")
+        fig.colorbar(sc, ax=a, label="step")
+        a.set(xlabel=f"PC1 ({explained[0]:.0%})", ylabel=f"PC2 ({explained[1]:.0%})", title="trajectory")
+        if turns:
+            a.legend(fontsize=8)
+    for c in range(coords.shape[1]):
+        b.plot(steps, coords[:, c], marker="o", ms=3, label=f"PC{c + 1}")
+    for t in transitions:
+        b.axvline(t["mid"], color="gray", ls="--", lw=1)
+        b.axvspan(t["onset"], t["end"], color="gray", alpha=0.1)
+    for lo, _, hi in turns:
+        b.axvspan(steps[lo], steps[hi], color="red", alpha=0.08)
+        b.axvline(steps[hi], color="red", ls=":", lw=1)
+    b.set(xlabel="step", ylabel="coordinate", title="components against step (grey: transitions; red: turns)")
+    b.set_xscale("symlog", linthresh=max(float(steps[1]), 1.0))
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""Developmental interpretability over a run's checkpoints: restricted LLC masks, the LLC at every checkpoint as
+one program (files, figure, wandb), essential dynamics and its turning points."""
+
+import json
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from lab.config import load_config
+from lab.devinterp import essential_dynamics, llc_over_checkpoints, restriction_mask, turning_points
+from lab.errors import LabError
+from lab.measures.llc import LLCSettings
+from lab.run import train_run
+from tests.conftest import TINY, lab_cmd
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("di") / "r"
+    ov = TINY + ["checkpoint.every=15", "tracking.wandb.mode=offline", f"run.dir={root}"]
+    return train_run(*load_config(ov), quiet=True)
+
+
+def test_a_heads_restriction_moves_its_slices_only():
+    from lab.model import ModelConfig, Transformer
+
+    m = Transformer(ModelConfig(n_layers=2, n_heads=3, d_model=12, freeze=["blocks.1.attn.W_V"]), seq_len=8,
+                    vocab_size=11, n_outputs=11)
+    p = m.params()
+    trainable = jax.tree_util.tree_map(lambda f: not f, m.frozen_mask(p))
+    mask = restriction_mask(p, "L1H2", trainable)
+    a = mask["blocks"]["1"]["attn"]
+    for w in ("W_Q", "W_K", "W_O"):
+        assert np.asarray(a[w][2]).all() and not np.asarray(a[w][:2]).any()
+    assert not np.asarray(a["W_V"]).any()  # frozen stays frozen
+    assert not any(np.asarray(x).any() for x in jax.tree_util.tree_leaves(mask["blocks"]["0"]))
+    assert not np.asarray(mask["embed"]["W_E"]).any() and not np.asarray(a["b_O"]).any()
+    layer = restriction_mask(p, "L0", trainable)
+    assert all(np.asarray(x).all() for x in jax.tree_util.tree_leaves(layer["blocks"]["0"]))
+    assert not np.asarray(layer["unembed"]["W_U"]).any()
+    for bad in ("L2", "L1H3", "head1", "L1H"):
+        with pytest.raises(LabError, match=f"--restrict={bad}"):
+            restriction_mask(p, bad, trainable)
+
+
+def test_llc_at_every_checkpoint_as_one_program(run):
+    s = LLCSettings(nbeta=20.0, eps=1e-4, gamma=100.0, chains=2, steps=24, burn_in=8)
+    out = llc_over_checkpoints(run, s, restrict=["all", "L1H1"], quiet=True)
+    doc = json.loads((out / "llc.json").read_text())
+    assert doc["steps"] == [0, 15, 30, 45, 60] and doc["settings"]["chains"] == 2
+    for r in ("all", "L1H1"):
+        rows = doc["restrictions"][r]
+        assert [row["step"] for row in rows] == doc["steps"]
+        assert all(len(row["chains"]) == 2 and np.isfinite(row["llc"]) for row in rows)
+        assert all(row["llc"] == pytest.approx(np.mean(row["chains"]), rel=1e-5) for row in rows)
+    # a head is a small part of the model: its chains rise less than the whole model's
+    whole = np.mean([row["llc"] for row in doc["restrictions"]["all"][1:]])
+    head = np.mean([row["llc"] for row in doc["restrictions"]["L1H1"][1:]])
+    assert head < whole
+    traces = np.load(out / "traces.npz")
+    assert traces["all"].shape == (5, 2, 24)
+    assert (out / "llc.png").stat().st_size > 10_000
+    # the wandb run of job_type llc, in the run's group
+    (log_dir,) = [d for d in (run / "wandb").glob("offline-run-*") if d.name.endswith("llc")]
+    p = subprocess.run([str(__import__("tests.test_wandb", fromlist=["WANDB"]).WANDB), "leet", "inspect", "--json",
+                        str(log_dir)], capture_output=True, text=True, timeout=120)
+    recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    (wrun,) = [x["run"] for x in recs if x["type"] == "run"]
+    assert wrun["job_type"] == "llc" and wrun["run_group"] == "demo"
+    hist = [x["history"]["item"] for x in recs if x["type"] == "history"]
+    assert [h["_step"] for h in hist if "llc/mean" in h] == doc["steps"]
+    assert hist[0]["llc/mean"] == pytest.approx(doc["restrictions"]["all"][0]["llc"])
+
+
+def test_turning_points_of_a_trajectory():
+    t = np.linspace(0, 1, 21)
+    # down, a flat plateau with wiggles, then up: one turn, spanning the plateau
+    x = np.concatenate([np.linspace(5, 0, 7), 0.02 * np.sin(np.arange(7) * 2.0), np.linspace(0.5, 6, 7)])
+    turns = turning_points(np.stack([x, t], 1))
+    assert len(turns) == 1 and turns[0][0] >= 6 and turns[0][2] <= 14 and 7 <= turns[0][1] <= 13
+    assert turning_points(np.stack([t, 2 * t], 1)) == []  # straight on: none
+    wiggle = np.stack([t + 0.01 * np.sin(np.arange(21) * 3), t], 1)
+    assert turning_points(wiggle) == []  # noise turns back by far less than the range
+
+
+def test_essential_dynamics_files_and_cli(run, capsys):
+    out = essential_dynamics(run, components=3, probe=8)
+    doc = json.loads((out / "dynamics.json").read_text())
+    assert doc["steps"] == [0, 15, 30, 45, 60] and np.asarray(doc["coords"]).shape == (5, 3)
+    ev = doc["explained_variance"]
+    assert ev == sorted(ev, reverse=True) and 0 < sum(ev) <= 1 + 1e-9
+    assert (out / "dynamics.png").stat().st_size > 10_000
+    p = subprocess.run(lab_cmd("dynamics", str(run), "--components", "0"), capture_output=True, text=True)
+    assert p.returncode == 2 and "--components" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run(lab_cmd("llc", str(run), "--restrict", "L9"), capture_output=True, text=True)
+    assert p.returncode == 2 and "--restrict=L9" in p.stderr
