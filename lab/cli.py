@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
         lc.add_argument(f"--{name}", type=kind, default=None)
     lc.add_argument("--wandb", nargs="?", const="offline", default=None, metavar="MODE",
                     help="log to wandb (default: as the run's tracking.wandb.mode)")
+    lc.add_argument("--calibrate", action="store_true",
+                    help="sweep step size x nbeta at one checkpoint (--steps S, default the last) and recommend")
+    lc.add_argument("--eps-grid", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="--calibrate: step sizes")
+    lc.add_argument("--nbeta-grid", default=None, help="--calibrate: nbeta values (default: default/3, default, x3)")
     lc.add_argument("--quiet", action="store_true")
     dy = sub.add_parser("dynamics", help="essential dynamics: PCA of the outputs across checkpoints, turning points")
     dy.add_argument("run_dir")
@@ -176,6 +180,7 @@ def _compare(args) -> int:
 
 def _llc(args) -> int:
     import dataclasses
+    import json
 
     from lab.config import from_yaml
     from lab.devinterp import llc_over_checkpoints
@@ -204,6 +209,27 @@ def _llc(args) -> int:
             raise LabError(f"--steps={args.steps}: comma-separated checkpoint steps") from e
     if args.wandb not in (None, "online", "offline"):
         raise LabError(f"--wandb={args.wandb}: one of online, offline")
+    if args.calibrate:
+        from lab.devinterp import calibrate
+
+        grids = {}
+        for name, text in (("--eps-grid", args.eps_grid), ("--nbeta-grid", args.nbeta_grid)):
+            try:
+                grids[name] = [float(x) for x in text.split(",") if x] if text else None
+            except ValueError as e:
+                raise LabError(f"{name}={text}: comma-separated numbers > 0") from e
+            check(grids[name] is None or (grids[name] and min(grids[name]) > 0), name, text,
+                  "comma-separated numbers > 0")
+        check(steps is None or len(steps) == 1, "--steps", args.steps, "one checkpoint step with --calibrate")
+        out = calibrate(args.run_dir, step=steps[0] if steps else None, eps=grids["--eps-grid"],
+                        nbeta=grids["--nbeta-grid"], settings=s, batch_size=b, seed=args.seed or 0)
+        doc = json.loads((out / "calibration.json").read_text())
+        for r in doc["recommended"]:
+            print(f"nbeta {r['nbeta']:.4g}: eps {r['eps']:.0e} (llc {r['llc']:.3g} +- {r['std_err']:.2g})")
+        if not doc["recommended"]:
+            print("no usable cell: every one has diagnostics (see calibration.json); try smaller step sizes")
+        print(out / "calibration.png")
+        return 0
     out = llc_over_checkpoints(args.run_dir, s, restrict=[r for r in args.restrict.split(",") if r], steps=steps,
                                batch_size=b, seed=args.seed or 0, wandb_mode=args.wandb, quiet=args.quiet)
     print(out)

@@ -240,10 +240,18 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Di
     return to_config(node), node
 
 
+# fields older run directories may hold that the lab no longer has (what replaced them): dropped on reading a
+# run's config.yaml, so runs saved before a change still resume, replay and load
+RETIRED = {("measures", "llc_n"): "measures.llc_nbeta (nβ itself; default devinterp's b / ln b)"}
+
+
 def from_yaml(path: str | Path) -> tuple[Config, DictConfig]:
-    """A run's saved config.yaml, checked against the schemas again."""
+    """A run's saved config.yaml, checked against the schemas again (retired fields dropped: RETIRED)."""
     try:
         raw = OmegaConf.load(path)
+        for section, key in RETIRED:
+            if section in raw and key in raw[section]:
+                raw[section].pop(key)
         schema = OmegaConf.structured(Config)
         name = raw.get("task", {}).get("name")
         if name not in TASKS:

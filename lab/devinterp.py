@@ -20,6 +20,7 @@ by more than ``prominence`` of its range), and each turning point's nearest dete
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import asdict
@@ -268,3 +269,79 @@ def plot_dynamics(steps, coords, turns, transitions, explained, path: Path, titl
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- calibration ---------------------------------------------------------------------------------------------
+def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
+              nbeta: list[float] | None = None, settings: LLCSettings | None = None, batch_size: int | None = None,
+              seed: int = 0) -> Path:
+    """The ε x nβ sweep devinterp's notebooks do by hand, as one vmapped program at one checkpoint (default the
+    last): every cell's chains, their traces plotted per cell, and a recommendation. A cell is usable when its
+    diagnostics are clean (finite, not escaping, stationary, not negative); for each nβ the recommended ε is the
+    largest usable one whose estimate agrees (within 2 standard errors or 5 %) with the next smaller usable ε's
+    (a step size past that changes the answer: the discretisation, not the posterior, sets it); none when no two
+    neighbouring usable step sizes agree. Writes
+    RUN_DIR/llc/calibration.json and calibration.png; returns the folder."""
+    import dataclasses
+
+    from lab.measures import llc_settings
+
+    run_dir = check_run_dir(run_dir)
+    have = complete_steps(run_dir)
+    step = have[-1] if step is None and have else step
+    trainer, _, stacked = load_checkpoints(run_dir, [step])
+    p = jax.tree_util.tree_map(lambda x: x[0], stacked)
+    b = batch_size or trainer.cfg.trainer.batch_size
+    s = settings or llc_settings(trainer.cfg.measures, b)
+    nbeta = list(nbeta or [s.nbeta / 3, s.nbeta, s.nbeta * 3])
+    eps = sorted(eps)
+    grid = [(e, nb) for nb in nbeta for e in eps]
+    trainable = jax.tree_util.tree_map(lambda f: not f, trainer.model.frozen_mask(p))
+    sample = lambda k: trainer.task.sample(k, b)  # noqa: E731
+
+    def cell(e, nb, k):  # ε and nβ are traced: the whole grid is one program
+        return estimate(trainer.loss, p, sample, k, dataclasses.replace(s, eps=e, nbeta=nb), trainable=trainable)
+
+    e_arr, nb_arr = (jnp.asarray([g[i] for g in grid], jnp.float32) for i in (0, 1))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(grid))
+    res = jax.device_get(jax.jit(jax.vmap(cell))(e_arr, nb_arr, keys))
+    cells = []
+    for j, (e, nb) in enumerate(grid):
+        sj = dataclasses.replace(s, eps=e, nbeta=nb)
+        cells.append({"eps": e, "nbeta": nb, "llc": float(res["mean"][j]), "std_err": float(res["std_err"][j]),
+                      "chains": [float(x) for x in res["llc"][j]],
+                      "diagnostics": diagnose({k: v[j] for k, v in res.items()}, sj)})
+    recommended = []
+    for nb in nbeta:
+        row = [c for c in cells if c["nbeta"] == nb and not c["diagnostics"]]
+        pick = None
+        for lo, hi in zip(row, row[1:], strict=False):  # ascending ε
+            tol = max(2 * math.hypot(lo["std_err"], hi["std_err"]), 0.05 * abs(lo["llc"]))
+            if abs(hi["llc"] - lo["llc"]) <= tol:
+                pick = hi
+        if pick is not None:  # none: no two neighbouring usable step sizes agree; widen the grid or the steps
+            recommended.append({"nbeta": nb, "eps": pick["eps"], "llc": pick["llc"], "std_err": pick["std_err"]})
+    out = run_dir / "llc"
+    out.mkdir(exist_ok=True)
+    doc = {"run_dir": str(run_dir), "step": step, "batch_size": b, "settings": asdict(s), "cells": cells,
+           "recommended": recommended}
+    (out / "calibration.json").write_text(json.dumps(doc, indent=2))
+    traces = (np.asarray(res["loss"]) - np.asarray(res["ref"])) * np.asarray(nb_arr)[:, None, None]
+    fig, axs = plt.subplots(len(nbeta), len(eps), figsize=(2.6 * len(eps), 2.1 * len(nbeta)), squeeze=False,
+                            sharex=True)
+    for j, c in enumerate(cells):
+        ax = axs[nbeta.index(c["nbeta"]), eps.index(c["eps"])]
+        ax.plot(traces[j].T, lw=0.7)
+        ax.axvline(s.burn_in, color="gray", ls=":", lw=0.8)
+        good = not c["diagnostics"]
+        chosen = any(r["eps"] == c["eps"] and r["nbeta"] == c["nbeta"] for r in recommended)
+        ax.set_title(f"eps {c['eps']:.0e}, nβ {c['nbeta']:.3g}\nλ̂ {c['llc']:.3g} ± {c['std_err']:.2g}", fontsize=7,
+                     color="green" if chosen else ("black" if good else "red"))
+        ax.tick_params(labelsize=6)
+        if not np.all(np.isfinite(traces[j])):
+            ax.text(0.5, 0.5, "diverged", transform=ax.transAxes, ha="center", color="red")
+    fig.suptitle(f"nβ (loss - start) per chain at step {step}; green: recommended, red: diagnostics", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=110)
+    plt.close(fig)
+    return out

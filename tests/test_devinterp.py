@@ -96,3 +96,22 @@ def test_essential_dynamics_files_and_cli(run, capsys):
     assert p.returncode == 2 and "--components" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = subprocess.run(lab_cmd("llc", str(run), "--restrict", "L9"), capture_output=True, text=True)
     assert p.returncode == 2 and "--restrict=L9" in p.stderr
+
+
+def test_calibration_sweeps_step_size_and_nbeta_and_recommends_a_stable_cell(run):
+    from lab.devinterp import calibrate
+
+    s = LLCSettings(nbeta=20.0, eps=1e-4, gamma=100.0, chains=2, steps=300, burn_in=100)
+    out = calibrate(run, step=60, eps=[1e-6, 3e-4, 1e-3, 1.0], nbeta=[10.0, 30.0], settings=s)
+    doc = json.loads((out / "calibration.json").read_text())
+    cells = {(c["eps"], c["nbeta"]): c for c in doc["cells"]}
+    assert len(cells) == 8 and doc["step"] == 60
+    # a step size of 1 throws every chain off, and the diagnostics say so
+    assert all("not finite" in cells[(1.0, nb)]["diagnostics"][0] for nb in (10.0, 30.0))
+    # one of 1e-6 has hardly left the start: far below the rest, and never recommended
+    assert all(cells[(1e-6, nb)]["llc"] < 0.2 * cells[(3e-4, nb)]["llc"] for nb in (10.0, 30.0))
+    assert doc["recommended"], doc["cells"]
+    for r in doc["recommended"]:
+        c = cells[(r["eps"], r["nbeta"])]
+        assert not c["diagnostics"] and r["eps"] in (3e-4, 1e-3)
+    assert (out / "calibration.png").stat().st_size > 10_000

@@ -116,15 +116,29 @@ def estimate(loss_fn, params, sample_batch, key, s: LLCSettings, trainable=None)
             "below_start": jnp.mean((dl < dr).astype(jnp.float32), axis=1)}
 
 
+def _trend(rise: np.ndarray, batches: int = 10):
+    """(the rise from first to last draw of a line through ``batches`` batch means, its t statistic), or None
+    for too few draws. Batch means, not draws: successive draws are correlated, batch means far less."""
+    n = len(rise) // batches
+    if n < 2:
+        return None
+    means = rise[: n * batches].reshape(batches, n).mean(1)
+    x = np.arange(batches) - (batches - 1) / 2
+    slope = float(x @ means / (x @ x))
+    resid = means - means.mean() - slope * x
+    se = float(np.sqrt(resid @ resid / (batches - 2) / (x @ x)))
+    return slope * (batches - 1), slope / max(se, 1e-12)
+
+
 def diagnose(result: dict, s: LLCSettings, blowup: float = 10.0) -> list[str]:
     """What went wrong in which chain, one line each (an empty list: every chain looks usable):
 
     - a non-finite loss (the chain left for infinity: ε too large, or γ too small to hold it);
     - a loss that climbed far above the start (its largest draw more than ``blowup`` times the typical rise):
       the chain is escaping, not sampling a local posterior;
-    - a drift through the draws (the last third's mean rise above the first third's by more than the
-      estimate and more than 4 standard errors of the chain's own draws): not stationary, more burn-in or a
-      smaller ε;
+    - a trend through the draws (a line through 10 batch means rises by more than a quarter of the estimate
+      from first draw to last, at t > 4 against the batch means' scatter about it): the chain has not reached
+      its stationary level (too small an ε for the steps given, or too short a burn-in);
     - a negative estimate (the chain found lower loss than w*): w* is not a local minimum of the loss, or the
       chain did not move off it.
     """
@@ -142,12 +156,11 @@ def diagnose(result: dict, s: LLCSettings, blowup: float = 10.0) -> list[str]:
             out.append(f"chain {c}: nβ·(loss - start) reached {rise.max():.3g}, {rise.max() / typical:.0f}x its "
                        f"median {np.median(rise):.3g} (escaping: smaller eps={s.eps:g} or larger gamma={s.gamma:g})")
             continue
-        third = max(len(rise) // 3, 1)
-        first, last = rise[:third], rise[-third:]
-        se = float(np.std(rise, ddof=1) / math.sqrt(third)) if len(rise) > 1 else 0.0
-        if last.mean() - first.mean() > max(abs(rise.mean()), 4 * se):
-            out.append(f"chain {c}: not stationary, the draws' mean rise went from {first.mean():.3g} (first third) "
-                       f"to {last.mean():.3g} (last third): more burn-in or a smaller eps={s.eps:g}")
+        trend = _trend(rise)
+        if trend is not None and trend[0] > 0.25 * max(abs(rise.mean()), 1e-12) and trend[1] > 4:
+            out.append(f"chain {c}: not stationary, its draws still rise by {trend[0]:.3g} from first to last "
+                       f"(t = {trend[1]:.1f}, mean {rise.mean():.3g}): more steps or burn-in, or a larger "
+                       f"eps={s.eps:g}")
             continue
         if rise.mean() < 0:
             out.append(f"chain {c}: negative estimate {rise.mean():.3g}: the parameters are not at a local minimum, "
