@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from lab.config import from_yaml
 from lab.errors import LabError
@@ -102,10 +103,10 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
     out.mkdir(exist_ok=True)
     sample = lambda k: trainer.task.sample(k, b)  # noqa: E731
     results, traces = {}, {}
-    for i, r in enumerate(restrict):
-        if not quiet:
-            print(f"llc {r}: {len(steps)} checkpoints x {s.chains} chains x {s.steps} steps, one program",
-                  file=sys.stderr)
+    todo = restrict if quiet else tqdm(restrict, desc=f"llc: {len(steps)} checkpoints x {s.chains} chains x "
+                                                      f"{s.steps} steps per restriction", unit="restriction",
+                                       file=sys.stderr)
+    for i, r in enumerate(todo):
         run = jax.jit(jax.vmap(lambda p, k, m=masks[r]: estimate(trainer.loss, p, sample, k, s, trainable=m)))
         keys = jax.random.split(jax.random.PRNGKey(seed + i), len(steps))
         res = jax.device_get(run(stacked, keys))
