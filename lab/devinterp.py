@@ -264,7 +264,8 @@ def plot_dynamics(steps, coords, turns, transitions, explained, path: Path, titl
         b.axvspan(steps[lo], steps[hi], color="red", alpha=0.08)
         b.axvline(steps[hi], color="red", ls=":", lw=1)
     b.set(xlabel="step", ylabel="coordinate", title="components against step (grey: transitions; red: turns)")
-    b.set_xscale("symlog", linthresh=max(float(steps[1]), 1.0))
+    b.set_xscale("symlog", linthresh=max(float(steps[1]), 1.0))  # log-spaced early checkpoints, and step 0
+    b.set_xlim(0, steps[-1] * 1.05)
     b.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
