@@ -190,7 +190,7 @@ def _llc(args) -> int:
     from lab.rundir import check_run_dir
 
     cfg, _ = from_yaml(check_run_dir(args.run_dir) / "config.yaml")
-    b = args.batch_size or cfg.trainer.batch_size
+    b = cfg.trainer.batch_size if args.batch_size is None else args.batch_size
     check(b >= 1, "--batch-size", b, "must be >= 1")
     s = llc_settings(cfg.measures, b)
     given = {"sampler": args.sampler, "chains": args.chains, "steps": args.chain_steps, "burn_in": args.burn_in,
@@ -198,9 +198,13 @@ def _llc(args) -> int:
     s = dataclasses.replace(s, **{k: v for k, v in given.items() if v is not None})
     check(s.sampler in SAMPLERS, "--sampler", s.sampler, f"one of {', '.join(SAMPLERS)}")
     check(s.chains >= 1, "--chains", s.chains, "must be >= 1")
-    check(0 <= s.burn_in < s.steps, "--burn-in", s.burn_in, f"must be in [0, steps={s.steps})")
+    if args.chain_steps is not None and args.burn_in is None:  # the run's burn-in: a quarter of the new length
+        s = dataclasses.replace(s, burn_in=s.steps // 4)
+    check(s.steps >= 4, "--chain-steps", s.steps, "must be >= 4")
+    check(0 <= s.burn_in < s.steps, "--burn-in", s.burn_in, f"must be in [0, --chain-steps={s.steps})")
     for name in ("eps", "nbeta"):
         check(getattr(s, name) > 0, f"--{name}", getattr(s, name), "must be > 0")
+    check(s.gamma >= 0, "--gamma", s.gamma, "must be >= 0")
     steps = None
     if args.steps:
         try:
@@ -218,7 +222,7 @@ def _llc(args) -> int:
                 grids[name] = [float(x) for x in text.split(",") if x] if text else None
             except ValueError as e:
                 raise LabError(f"{name}={text}: comma-separated numbers > 0") from e
-            check(grids[name] is None or (grids[name] and min(grids[name]) > 0), name, text,
+            check(text is None and name == "--nbeta-grid" or bool(grids[name]) and min(grids[name]) > 0, name, text,
                   "comma-separated numbers > 0")
         check(steps is None or len(steps) == 1, "--steps", args.steps, "one checkpoint step with --calibrate")
         out = calibrate(args.run_dir, step=steps[0] if steps else None, eps=grids["--eps-grid"],

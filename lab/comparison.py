@@ -273,7 +273,8 @@ def log_comparison(out: Path, groups, parts, strips, mode: str) -> None:
     saved = (yaml.safe_load((first["dir"] / "config.yaml").read_text()) or {}).get("tracking", {}).get("wandb", {})
     wb = WandbConfig(mode=mode, **{k: saved[k] for k in ("project", "entity") if saved.get(k)})
     experiments = {d["summary"].get("experiment") for g in groups.values() for d in g}
-    group = experiments.pop() if len(experiments) == 1 else "compare"
+    # the wandb group the runs were logged to: their tracking.wandb.group, else their experiment
+    group = saved.get("group") or (experiments.pop() if len(experiments) == 1 else "compare")
     run = start_wandb(wb, dir=str(out.absolute()), group=group, job_type="compare", name=f"compare {group}",
                       config={"runs": [str(d["dir"].absolute()) for g in groups.values() for d in g],
                               "conditions": list(groups), "metrics": [m for m, _, _ in parts]})

@@ -23,6 +23,7 @@ import json
 import math
 import re
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +39,17 @@ from lab.plots import plt
 from lab.rundir import check_run_dir, complete_steps, restore_state
 
 RESTRICTION = re.compile(r"^(all|L(\d+)|L(\d+)H(\d+))$")
+
+
+def json_safe(x):
+    """``x`` with every non-finite float as None: a diverged chain's NaN is not JSON (strict readers refuse it)."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def load_checkpoints(run_dir: Path, steps: list[int] | None = None):
@@ -92,6 +104,11 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
     from lab.measures import llc_settings
 
     run_dir = check_run_dir(run_dir)
+    if not restrict:
+        raise LabError("--restrict=: names no restriction; one or more of all, L<layer>, L<layer>H<head>")
+    for r in restrict:  # the form now, the layer and head ranges once the model is known: before any work
+        if RESTRICTION.match(r) is None:
+            raise LabError(f"--restrict={r}: one of all, L<layer>, L<layer>H<head> (e.g. L1H0)")
     trainer, steps, stacked = load_checkpoints(run_dir, steps)
     cfg = trainer.cfg
     b = batch_size or cfg.trainer.batch_size
@@ -110,7 +127,7 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
         run = jax.jit(jax.vmap(lambda p, k, m=masks[r]: estimate(trainer.loss, p, sample, k, s, trainable=m)))
         keys = jax.random.split(jax.random.PRNGKey(seed + i), len(steps))
         res = jax.device_get(run(stacked, keys))
-        traces[r] = np.asarray(res["loss"]) - np.asarray(res["ref"])
+        traces[r] = s.nbeta * (np.asarray(res["loss"]) - np.asarray(res["ref"]))
         results[r] = [{"step": st, "llc": float(res["mean"][j]), "std_err": float(res["std_err"][j]),
                        "chains": [float(x) for x in res["llc"][j]],
                        "below_start": [float(x) for x in res["below_start"][j]],
@@ -119,7 +136,7 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
     transitions = summary.get("phase", {}).get("transitions", [])
     doc = {"run_dir": str(run_dir), "settings": asdict(s), "batch_size": b, "seed": seed, "steps": steps,
            "restrictions": results, "transitions": transitions}
-    (out / "llc.json").write_text(json.dumps(doc, indent=2))
+    (out / "llc.json").write_text(json.dumps(json_safe(doc), indent=2))
     np.savez_compressed(out / "traces.npz", **{r: t for r, t in traces.items()})  # nβ (loss - start) per step
     plot_llc(results, transitions, out / "llc.png", title=f"{cfg.experiment}: LLC over checkpoints ({run_dir.name})")
     if wandb_mode or cfg.tracking.wandb.mode != "disabled":
@@ -157,7 +174,7 @@ def _log_llc(run_dir: Path, cfg, results: dict, s: LLCSettings, png: Path, mode:
 
     wb = WandbConfig(**{**asdict(cfg.tracking.wandb), **({"mode": mode} if mode else {})})
     run = start_wandb(wb, dir=str(run_dir), group=wb.group or cfg.experiment, job_type="llc",
-                      name=f"{run_dir.name}-llc", id=wandb_id(run_dir) + "llc",
+                      name=f"{run_dir.name}-llc", id=f"{wandb_id(run_dir)}llc{int(time.time())}",  # one per `lab llc`
                       config={"llc_of": {"run_dir": str(run_dir.absolute()), "wandb_id": wandb_id(run_dir)},
                               "settings": asdict(s)})
     if run is None:
@@ -327,7 +344,7 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     out.mkdir(exist_ok=True)
     doc = {"run_dir": str(run_dir), "step": step, "batch_size": b, "settings": asdict(s), "cells": cells,
            "recommended": recommended}
-    (out / "calibration.json").write_text(json.dumps(doc, indent=2))
+    (out / "calibration.json").write_text(json.dumps(json_safe(doc), indent=2))
     traces = (np.asarray(res["loss"]) - np.asarray(res["ref"])) * np.asarray(nb_arr)[:, None, None]
     fig, axs = plt.subplots(len(nbeta), len(eps), figsize=(2.6 * len(eps), 2.1 * len(nbeta)), squeeze=False,
                             sharex=True)

@@ -32,7 +32,8 @@ from lab.errors import check
 from lab.hooks import NO_HOOKS, Hooks
 from lab.kernels import dense, layer_norm, matmul_nn, matmul_nt, softmax
 
-ACT_FNS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu}
+# gelu: the exact (erf) one, TransformerLens's "gelu" (jax.nn.gelu's default is the tanh form, its "gelu_new")
+ACT_FNS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 POSITIONS = ("learned", "sinusoidal", "rope", "shortformer", "onehot", "frozen_random", "none")
 
 

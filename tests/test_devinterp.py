@@ -54,16 +54,19 @@ def test_llc_at_every_checkpoint_as_one_program(run):
         rows = doc["restrictions"][r]
         assert [row["step"] for row in rows] == doc["steps"]
         assert all(len(row["chains"]) == 2 and np.isfinite(row["llc"]) for row in rows)
-        assert all(row["llc"] == pytest.approx(np.mean(row["chains"]), rel=1e-5) for row in rows)
+        assert all(row["chains"][0] != row["chains"][1] for row in rows)  # independent chains, not one twice
     # a head is a small part of the model: its chains rise less than the whole model's
     whole = np.mean([row["llc"] for row in doc["restrictions"]["all"][1:]])
     head = np.mean([row["llc"] for row in doc["restrictions"]["L1H1"][1:]])
     assert head < whole
     traces = np.load(out / "traces.npz")
     assert traces["all"].shape == (5, 2, 24)
+    # the traces are nβ (loss - start): their mean over the draws is each chain's estimate
+    first = doc["restrictions"]["all"][1]["chains"][0]
+    assert float(traces["all"][1, 0, 8:].mean()) == pytest.approx(first, rel=1e-4)
     assert (out / "llc.png").stat().st_size > 10_000
     # the wandb run of job_type llc, in the run's group
-    (log_dir,) = [d for d in (run / "wandb").glob("offline-run-*") if d.name.endswith("llc")]
+    (log_dir,) = [d for d in (run / "wandb").glob("offline-run-*") if "llc" in d.name.rsplit("-", 1)[-1]]
     p = subprocess.run([str(__import__("tests.test_wandb", fromlist=["WANDB"]).WANDB), "leet", "inspect", "--json",
                         str(log_dir)], capture_output=True, text=True, timeout=120)
     recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
@@ -86,16 +89,29 @@ def test_turning_points_of_a_trajectory():
 
 
 def test_essential_dynamics_files_and_cli(run, capsys):
-    out = essential_dynamics(run, components=3, probe=8)
+    from lab.devinterp import load_checkpoints
+
+    out = essential_dynamics(run, components=4, probe=8)
     doc = json.loads((out / "dynamics.json").read_text())
-    assert doc["steps"] == [0, 15, 30, 45, 60] and np.asarray(doc["coords"]).shape == (5, 3)
-    ev = doc["explained_variance"]
-    assert ev == sorted(ev, reverse=True) and 0 < sum(ev) <= 1 + 1e-9
+    assert doc["steps"] == [0, 15, 30, 45, 60] and np.asarray(doc["coords"]).shape == (5, 4)
+    # with all 4 components the coordinates keep every distance between checkpoints' log-probabilities
+    trainer, _, stacked = load_checkpoints(run, [0, 60])
+    batch = jax.tree_util.tree_map(lambda a: a[:8], next(iter(trainer.task.evals.values())))
+    where = np.asarray(batch["loss_mask"]) > 0
+    lp = [np.asarray(jax.nn.log_softmax(trainer.model.apply(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked),
+                                                              batch)))[where] for i in (0, 1)]
+    coords = np.asarray(doc["coords"])
+    assert np.linalg.norm(coords[0] - coords[4]) == pytest.approx(float(np.linalg.norm(lp[0] - lp[1])), rel=1e-3)
     assert (out / "dynamics.png").stat().st_size > 10_000
-    p = subprocess.run(lab_cmd("dynamics", str(run), "--components", "0"), capture_output=True, text=True)
-    assert p.returncode == 2 and "--components" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = subprocess.run(lab_cmd("llc", str(run), "--restrict", "L9"), capture_output=True, text=True)
-    assert p.returncode == 2 and "--restrict=L9" in p.stderr
+    before = (run / "llc" / "llc.json").stat().st_mtime_ns
+    for argv, text in ((("dynamics", str(run), "--components", "0"), "--components"),
+                       (("llc", str(run), "--restrict", "L9"), "--restrict=L9"),
+                       (("llc", str(run), "--restrict", ","), "--restrict="),
+                       (("llc", str(run), "--calibrate", "--eps-grid", ""), "--eps-grid"),
+                       (("llc", str(run), "--gamma", "-1"), "--gamma=-1")):
+        p = subprocess.run(lab_cmd(*argv), capture_output=True, text=True)
+        assert p.returncode == 2 and text in p.stderr and len(p.stderr.strip().splitlines()) == 1, (argv, p.stderr)
+    assert (run / "llc" / "llc.json").stat().st_mtime_ns == before  # nothing rewritten
 
 
 def test_calibration_sweeps_step_size_and_nbeta_and_recommends_a_stable_cell(run):

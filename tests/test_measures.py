@@ -112,7 +112,7 @@ def test_measures_logged_per_head_in_a_run():
     from lab.trainer import Trainer
     from tests.conftest import TINY
 
-    cfg, _ = load_config(TINY + ["trainer.steps=20", "measures.names=[auto,llc]", "measures.llc_steps=8",
+    cfg, _ = load_config(TINY + ["trainer.steps=20", "measures.names=[auto,llc,memory_recall]", "measures.llc_steps=8",
                                  "measures.llc_burn_in=2", "measures.llc_chains=2",
                                  "+measures.clamps.pm={site:blocks.1.attn.hook_pattern,value:induction}"])
     tr = Trainer(cfg)
@@ -120,7 +120,9 @@ def test_measures_logged_per_head_in_a_run():
     for name in ("prev_token", "prefix_matching", "entropy", "copying"):
         assert {f"{name}/L{l}H{h}" for l in range(2) for h in range(2)} <= set(row), name
     assert "k_comp/L1H0" in row and "param_norm/embed" in row
-    assert np.isfinite(row["llc/mean"]) and row["llc/std_err"] >= 0 and row["llc/finite_chains"] == 2
+    assert np.isfinite(row["llc/mean"]) and row["llc/std_err"] > 0 and row["llc/finite_chains"] == 2
+    # Bietti's probes on a task without a bigram law: the attention memories, no ff1
+    assert "memory_recall/wk1" in row and "memory_recall/ff1_kl" not in row
     ev = tr.evaluate(tr.init_state())
     assert "test@pm/loss" in ev and "test@pm/acc" not in ev
     # the probe clamp changes the loss, the run's own evaluators stay unclamped

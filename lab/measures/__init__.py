@@ -50,7 +50,7 @@ class MeasuresConfig:
     llc_sampler: str = "sgld"  # sgld | rmsprop_sgld
     llc_chains: int = 4
     llc_steps: int = 200  # per chain, burn-in included
-    llc_burn_in: int = 50
+    llc_burn_in: int | None = None  # steps discarded; default a quarter of llc_steps
     llc_eps: float = 1e-4
     llc_gamma: float = 100.0
     llc_nbeta: float | None = None  # nβ; default devinterp's: b / ln b for the SGLD minibatch of b sequences
@@ -63,8 +63,9 @@ class MeasuresConfig:
         check(self.probe_size >= 1, "measures.probe_size", self.probe_size, "must be >= 1")
         check(self.llc_sampler in SAMPLERS, "measures.llc_sampler", self.llc_sampler, f"one of {', '.join(SAMPLERS)}")
         check(self.llc_chains >= 1, "measures.llc_chains", self.llc_chains, "must be >= 1")
-        check(0 <= self.llc_burn_in < self.llc_steps, "measures.llc_burn_in", self.llc_burn_in,
-              f"must be in [0, measures.llc_steps={self.llc_steps})")
+        check(self.llc_steps >= 4, "measures.llc_steps", self.llc_steps, "must be >= 4")
+        check(self.llc_burn_in is None or 0 <= self.llc_burn_in < self.llc_steps, "measures.llc_burn_in",
+              self.llc_burn_in, f"must be in [0, measures.llc_steps={self.llc_steps}) or null (a quarter)")
         check(self.llc_eps > 0, "measures.llc_eps", self.llc_eps, "must be > 0")
         check(self.llc_gamma >= 0, "measures.llc_gamma", self.llc_gamma, "must be >= 0")
         check(self.llc_nbeta is None or self.llc_nbeta > 0, "measures.llc_nbeta", self.llc_nbeta,
@@ -74,7 +75,8 @@ class MeasuresConfig:
 def llc_settings(cfg: MeasuresConfig, batch_size: int) -> LLCSettings:
     """The LLC sampler settings of the measures config, for SGLD minibatches of ``batch_size`` sequences."""
     return LLCSettings(nbeta=cfg.llc_nbeta or default_nbeta(batch_size), sampler=cfg.llc_sampler, eps=cfg.llc_eps,
-                       gamma=cfg.llc_gamma, chains=cfg.llc_chains, steps=cfg.llc_steps, burn_in=cfg.llc_burn_in)
+                       gamma=cfg.llc_gamma, chains=cfg.llc_chains, steps=cfg.llc_steps,
+                       burn_in=cfg.llc_steps // 4 if cfg.llc_burn_in is None else cfg.llc_burn_in)
 
 
 def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
@@ -188,7 +190,9 @@ class Measures:
             trig = self.task.frequent_triggers if getattr(cfg, "trigger_mode", None) == "frequent" else None
             # ff1 (a feed-forward layer in block 1): the bigram memory, over every token but the fixed triggers
             ff1 = None if trig is None else np.setdiff1d(np.arange(self.task.n_outputs), np.asarray(trig))
+            bigram = getattr(self.task, "pi_b", None)  # only the bigram task has a bigram law for ff1
             row.update(circuits.memory_recall(host, self.model.consts, self.task.n_outputs,
                                               triggers=None if trig is None else np.asarray(trig),
-                                              bigram=np.asarray(self.task.pi_b), ff1_tokens=ff1))
+                                              bigram=None if bigram is None else np.asarray(bigram), ff1_tokens=ff1,
+                                              act_fn=self.model.cfg.act_fn))
         return row

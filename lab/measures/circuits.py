@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from lab.model import merge_consts
+from lab.model import ACT_FNS, merge_consts
 
 
 def eigen_share(m: np.ndarray) -> float:
@@ -100,7 +100,7 @@ def _heads_as_one(w) -> np.ndarray:
 
 
 def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_cutoff: int = 64,
-                  bigram=None, ff1_tokens=None) -> dict[str, float]:
+                  bigram=None, ff1_tokens=None, act_fn: str = "relu") -> dict[str, float]:
     """Bietti et al.'s associative-memory probes, as their ihead_basic_main.py and ihead_full_main.py compute them
     (``test_wo1``, ``test_wk1``, ``test_wk0``, ``test_ff1``) for a model of 2 or more layers. As theirs, a layer's
     heads act as one linear map (W_V W_O summed over heads; queries and keys concatenated over heads, so a score
@@ -118,7 +118,8 @@ def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_
     - ``memory_recall/ff1_kl`` (a model with a feed-forward layer in block 1, given the task's ``bigram``
       conditional [n, n]): KL(bigram row of a || softmax(W_U mlp1(x_a))) averaged over the tokens
       ``ff1_tokens`` (theirs: every token but the fixed triggers): how well layer 1's feed-forward memory
-      alone holds the global bigrams. A divergence, lower is better, not a fraction.
+      alone holds the global bigrams (``act_fn``: the model's nonlinearity). A divergence, lower is better, not a
+      fraction.
     """
     p = merge_consts(params, consts)
     if "0" not in p["blocks"] or "1" not in p["blocks"]:
@@ -146,7 +147,8 @@ def memory_recall(params: dict, consts: dict, n_tokens: int, triggers=None, wk0_
     if mlp is not None and bigram is not None and wu.shape[0] == we.shape[1]:
         used = np.arange(n_tokens) if ff1_tokens is None else np.asarray(ff1_tokens)
         m = {k: np.asarray(v, np.float64) for k, v in mlp.items()}
-        h = np.maximum(we[used] @ m["W_in"] + m.get("b_in", 0.0), 0.0) @ m["W_out"] + m.get("b_out", 0.0)
+        pre = we[used] @ m["W_in"] + m.get("b_in", 0.0)
+        h = np.asarray(ACT_FNS[act_fn](pre), np.float64) @ m["W_out"] + m.get("b_out", 0.0)  # the model's own
         z = h @ wu + np.asarray(p["unembed"].get("b_U", 0.0))
         logp = (z - z.max(1, keepdims=True)) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
         target = np.asarray(bigram, np.float64)[used]
