@@ -1,5 +1,7 @@
 """Developmental interpretability over a run's checkpoints: restricted LLC masks, the LLC at every checkpoint as
-one program (files, figure, wandb), essential dynamics and its turning points."""
+one program (files, figure, wandb), essential dynamics and its turning points. The tests that train a run and read
+its checkpoints back (about 50 s together) are in the slow suite, which CI runs too: `make test` stays within its
+10 minutes."""
 
 import json
 import subprocess
@@ -13,7 +15,7 @@ from lab.devinterp import essential_dynamics, llc_over_checkpoints, restriction_
 from lab.errors import LabError
 from lab.measures.llc import LLCSettings
 from lab.run import train_run
-from tests.conftest import TINY, lab_cmd
+from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,7 @@ def test_a_heads_restriction_moves_its_slices_only():
             restriction_mask(p, bad, trainable)
 
 
+@pytest.mark.slow
 def test_llc_at_every_checkpoint_as_one_program(run):
     s = LLCSettings(nbeta=20.0, eps=1e-4, gamma=100.0, chains=2, steps=24, burn_in=8)
     out = llc_over_checkpoints(run, s, restrict=["all", "L1H1"], quiet=True)
@@ -88,6 +91,7 @@ def test_turning_points_of_a_trajectory():
     assert turning_points(wiggle) == []  # noise turns back by far less than the range
 
 
+@pytest.mark.slow
 def test_essential_dynamics_files_and_cli(run, capsys):
     from lab.devinterp import load_checkpoints
 
@@ -104,16 +108,20 @@ def test_essential_dynamics_files_and_cli(run, capsys):
     assert np.linalg.norm(coords[0] - coords[4]) == pytest.approx(float(np.linalg.norm(lp[0] - lp[1])), rel=1e-3)
     assert (out / "dynamics.png").stat().st_size > 10_000
     before = (run / "llc" / "llc.json").stat().st_mtime_ns
-    for argv, text in ((("dynamics", str(run), "--components", "0"), "--components"),
-                       (("llc", str(run), "--restrict", "L9"), "--restrict=L9"),
-                       (("llc", str(run), "--restrict", ","), "--restrict="),
-                       (("llc", str(run), "--calibrate", "--eps-grid", ""), "--eps-grid"),
-                       (("llc", str(run), "--gamma", "-1"), "--gamma=-1")):
-        p = subprocess.run(lab_cmd(*argv), capture_output=True, text=True)
-        assert p.returncode == 2 and text in p.stderr and len(p.stderr.strip().splitlines()) == 1, (argv, p.stderr)
+    from lab.cli import main
+
+    for argv, text in ((["dynamics", str(run), "--components", "0"], "--components"),
+                       (["llc", str(run), "--restrict", "L9"], "--restrict=L9"),
+                       (["llc", str(run), "--restrict", ","], "--restrict="),
+                       (["llc", str(run), "--calibrate", "--eps-grid", ""], "--eps-grid"),
+                       (["llc", str(run), "--gamma", "-1"], "--gamma=-1")):
+        code = main(argv)  # in-process, as the CLI runs it (one subprocess each would cost a JAX import)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and text in err and len(err.splitlines()) == 1, (argv, err)
     assert (run / "llc" / "llc.json").stat().st_mtime_ns == before  # nothing rewritten
 
 
+@pytest.mark.slow
 def test_calibration_sweeps_step_size_and_nbeta_and_recommends_a_stable_cell(run):
     from lab.devinterp import calibrate
 
