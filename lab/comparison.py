@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from lab.errors import LabError
-from lab.measures.phase import detect_transitions, first_crossing
+from lab.measures.phase import detect_transitions, first_crossing, main_transition
 from lab.plots import plt
 from lab.tracking import read_metrics
 
@@ -95,7 +95,7 @@ def phase_table(groups: dict[str, list[dict]], metric: str, x: str, threshold: f
             s, v = series(d, metric, x)
             ts = detect_transitions(s, v)
             if ts:
-                mids.append(max(ts, key=lambda t: abs(t["after"] - t["before"]))["mid"])
+                mids.append(main_transition(ts)["mid"])
             if threshold is not None:
                 firsts.append(first_crossing(s, v, threshold))
             if len(v):
@@ -129,7 +129,7 @@ def plot_metric(groups, metric: str, x: str, path: Path, hlines: dict | None = N
             ax.fill_between(grid, lo, hi, color=color, alpha=0.15)
         ts = detect_transitions(grid, mean)
         if ts:
-            t = max(ts, key=lambda t: abs(t["after"] - t["before"]))
+            t = main_transition(ts)
             ax.axvline(t["mid"], color=color, ls="--", lw=0.8)
     for name, y in (hlines or {}).items():
         ax.axhline(y, color="gray", ls=":", lw=1)
@@ -226,9 +226,9 @@ def _run_rows(groups) -> list[list]:
     for label, group in groups.items():
         for d in group:
             s = d["summary"]
-            ts = s.get("phase", {}).get("transitions") or []
-            main = max(ts, key=lambda t: abs(t["after"] - t["before"]))["mid"] if ts else None
-            rows.append([label, s.get("seed"), main, (s.get("circuit") or {}).get("line", "—"), str(d["dir"])])
+            main = main_transition(s.get("phase", {}).get("transitions") or [])
+            circuit = (s.get("circuit") or {}).get("line", "—")
+            rows.append([label, s.get("seed"), main and main["mid"], circuit, str(d["dir"])])
     return rows
 
 

@@ -52,6 +52,12 @@ def json_safe(x):
     return x
 
 
+def run_transitions(run_dir: Path) -> list[dict]:
+    """The watched metric's transitions the run's summary.json records (none for an unfinished run)."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()).get("phase", {}).get("transitions", []) if path.is_file() else []
+
+
 def load_checkpoints(run_dir: Path, steps: list[int] | None = None):
     """(trainer, steps, parameters of every checkpoint stacked on a leading axis)."""
     from lab.trainer import Trainer
@@ -132,8 +138,7 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
                        "chains": [float(x) for x in res["llc"][j]],
                        "below_start": [float(x) for x in res["below_start"][j]],
                        "diagnostics": diagnose({k: v[j] for k, v in res.items()}, s)} for j, st in enumerate(steps)]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    transitions = summary.get("phase", {}).get("transitions", [])
+    transitions = run_transitions(run_dir)
     doc = {"run_dir": str(run_dir), "settings": asdict(s), "batch_size": b, "seed": seed, "steps": steps,
            "restrictions": results, "transitions": transitions}
     (out / "llc.json").write_text(json.dumps(json_safe(doc), indent=2))
@@ -241,8 +246,7 @@ def essential_dynamics(run_dir, components: int = 3, probe: int = 64, steps: lis
     coords = u[:, :k] * sv[:k]
     explained = (sv[:k] ** 2 / (sv ** 2).sum()).tolist()
     turns = turning_points(coords[:, : min(2, k)], prominence)  # the top two: the rest is mostly noise
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    transitions = summary.get("phase", {}).get("transitions", [])
+    transitions = run_transitions(run_dir)
     tp = []
     for lo, i, hi in turns:  # the turn's span [steps[lo], steps[hi]] against each transition's [onset, end]
         gap = lambda t, a=steps[lo], b=steps[hi]: max(t["onset"] - b, a - t["end"], 0.0)  # noqa: E731 (0: overlap)
