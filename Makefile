@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TL := .venv-tl
+TL_STAMP := $(TL)/.installed
 
 .PHONY: demo test test-slow lint bench bench-tl-env device-wheels venv clean
 
@@ -21,16 +23,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" --durations=15
 
-test-slow: $(STAMP)
+# the slow suite also needs the optional torch environment: devinterp's LLC on lab checkpoints (test_devinterp.py)
+test-slow: $(STAMP) $(TL_STAMP)
 	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-# optional: the TransformerLens (torch) baseline that `make bench` compares against, in .venv-tl
-bench-tl-env:
-	test -d .venv-tl || $(PY) -m venv .venv-tl
-	.venv-tl/bin/python -m pip install -q -r bench/requirements-tl.txt
+# the optional torch environment, .venv-tl: TransformerLens (the baseline of `make bench`) and devinterp (its LLC
+# on lab checkpoints, side by side with the lab's: bench/devinterp_side_by_side.py, and the slow suite)
+bench-tl-env: $(TL_STAMP)
+
+$(TL_STAMP): bench/requirements-tl.txt
+	test -d $(TL) || $(PY) -m venv $(TL)
+	$(TL)/bin/python -m pip install -q -r bench/requirements-tl.txt
+	touch $(TL_STAMP)
 
 # the lab's pure-Python needs that an accelerator machine without package access lacks (JAX, flax, optax,
 # orbax there are its own), as wheels in .whl/ for bench/accelerator.sh

@@ -11,7 +11,10 @@ Sections:
 - memory: peak resident memory of one default olsson_repeat run (`lab train`, a child process);
 - clamps: steady-state steps/s of the demo model with each clamp kind vs no clamp;
 - logging: a whole `fit` at the default cadence (evaluators + measures) vs the same steps unlogged;
-- demo: wall time from `lab train experiment=demo` to the end of its detected transition, compile included.
+- demo: wall time from `lab train experiment=demo` to the end of its detected transition, compile included;
+- devinterp: the LLC at every checkpoint of a fresh default demo run (4 chains x 200 SGLD steps, 50 burn-in,
+  ε = 1e-3) by the lab (one program) and by devinterp (in the optional environment), the same data and settings:
+  wall times, their ratio and the agreement (bench/devinterp_side_by_side.py; only with `make bench-tl-env`).
 `python bench/run.py SECONDS [SECTION ...] [--runs 1,16,256]` runs some sections only (and other
 vmapped run counts); on an accelerator the vmapped section goes up to 256 runs.
 """
@@ -297,7 +300,29 @@ def bench_demo() -> dict:
     return res
 
 
-SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo", "pictures")
+def bench_devinterp() -> dict:
+    py = ROOT / ".venv-tl" / "bin" / "python"
+    if not py.exists():
+        print("  skipped: no devinterp environment (make bench-tl-env)", file=sys.stderr)
+        return {"skipped": "no .venv-tl (make bench-tl-env)"}
+    from devinterp_side_by_side import side_by_side
+
+    d = Path(tempfile.mkdtemp()) / "demo"
+    _child([str(Path(sys.executable).parent / "lab"), "train", "experiment=demo", *QUIET, f"run.dir={d}", "--quiet"])
+    doc = side_by_side(d, chains=4, llc_steps=200, burn_in=50, eps=1e-3, python=str(py), out=d / "llc" / "devinterp")
+    rows = doc["checkpoints"]
+    res = {"checkpoints": len(rows), "lab_s": doc["lab_s"], "lab_compile_s": doc["lab_compile_s"],
+           "devinterp_s": doc["devinterp_s"], "speedup": doc["speedup"], "max_abs_z": max(abs(r["z"]) for r in rows),
+           "max_logit_diff": max(r["max_logit_diff"] for r in rows),
+           "llc": {str(r["step"]): [r["lab"], r["devinterp"]] for r in rows}}
+    print(f"  {len(rows)} checkpoints x 4 chains x 200 steps: lab {doc['lab_s']:.1f} s (compile "
+          f"{doc['lab_compile_s']:.1f} s), devinterp {doc['devinterp_s']:.1f} s: x{doc['speedup']:.1f}; "
+          f"largest |z| {res['max_abs_z']:.2f}", file=sys.stderr)
+    return res
+
+
+SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo", "pictures",
+            "devinterp")
 
 
 def bench_pictures(rounds: int = 3) -> dict:
@@ -397,6 +422,9 @@ def main():
     if "pictures" in wanted:
         print("attention pictures (default demo, whole processes, interleaved):", file=sys.stderr)
         results["pictures"] = bench_pictures()
+    if "devinterp" in wanted:
+        print("devinterp (LLC over every checkpoint of the demo, lab vs devinterp):", file=sys.stderr)
+        results["devinterp"] = bench_devinterp()
     ticks1 = _cpu_ticks()
     if ticks0 and ticks1:
         # time the hypervisor gave this VM's CPUs to others while the bench ran: the noise behind

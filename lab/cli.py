@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="sweep step size x nbeta at one checkpoint (--steps S, default the last) and recommend")
     lc.add_argument("--eps-grid", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="--calibrate: step sizes")
     lc.add_argument("--nbeta-grid", default=None, help="--calibrate: nbeta values (default: default/3, default, x3)")
+    lc.add_argument("--gamma-grid", default=None, help="--calibrate: localisation strengths (default: --gamma alone)")
     lc.add_argument("--quiet", action="store_true")
     dy = sub.add_parser("dynamics", help="essential dynamics: PCA of the outputs across checkpoints, turning points")
     dy.add_argument("run_dir")
@@ -217,19 +218,24 @@ def _llc(args) -> int:
         from lab.devinterp import calibrate
 
         grids = {}
-        for name, text in (("--eps-grid", args.eps_grid), ("--nbeta-grid", args.nbeta_grid)):
+        for name, text in (("--eps-grid", args.eps_grid), ("--nbeta-grid", args.nbeta_grid),
+                           ("--gamma-grid", args.gamma_grid)):
             try:
                 grids[name] = [float(x) for x in text.split(",") if x] if text else None
             except ValueError as e:
                 raise LabError(f"{name}={text}: comma-separated numbers > 0") from e
-            check(text is None and name == "--nbeta-grid" or bool(grids[name]) and min(grids[name]) > 0, name, text,
+            check(text is None and name != "--eps-grid" or bool(grids[name]) and min(grids[name]) > 0, name, text,
                   "comma-separated numbers > 0")
         check(steps is None or len(steps) == 1, "--steps", args.steps, "one checkpoint step with --calibrate")
         out = calibrate(args.run_dir, step=steps[0] if steps else None, eps=grids["--eps-grid"],
-                        nbeta=grids["--nbeta-grid"], settings=s, batch_size=b, seed=args.seed or 0)
+                        nbeta=grids["--nbeta-grid"], gamma=grids["--gamma-grid"], settings=s, batch_size=b,
+                        seed=args.seed or 0)
         doc = json.loads((out / "calibration.json").read_text())
         for r in doc["recommended"]:
-            print(f"nbeta {r['nbeta']:.4g}: eps {r['eps']:.0e} (llc {r['llc']:.3g} +- {r['std_err']:.2g})")
+            stable = {None: "", True: ", the same at the next gamma", False: ", NOT the same at the next gamma: "
+                      "the localisation bounds the chains"}[r["gamma_stable"]]
+            print(f"nbeta {r['nbeta']:.4g}, gamma {r['gamma']:g}: eps {r['eps']:.0e} (llc {r['llc']:.3g} +- "
+                  f"{r['std_err']:.2g}{stable})")
         if not doc["recommended"]:
             print("no usable cell: every one has diagnostics (see calibration.json); try smaller step sizes")
         print(out / "calibration.png")

@@ -1,5 +1,5 @@
 """Developmental interpretability over a run's checkpoints: the LLC at every checkpoint (whole model, per layer,
-per head) as one vmapped program, and essential dynamics (PCA of the model's outputs across checkpoints).
+per head) as one program, and essential dynamics (PCA of the model's outputs across checkpoints).
 
 ``lab llc RUN`` restores every complete checkpoint, stacks their parameters on a leading axis and runs
 checkpoints x chains SGLD chains as one jitted program per restriction (lab/measures/llc.py); it writes
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from lab.config import from_yaml
 from lab.errors import LabError
-from lab.measures.llc import LLCSettings, diagnose, estimate
+from lab.measures.llc import LLCSettings, diagnose, estimate, map_chains
 from lab.plots import plt
 from lab.rundir import check_run_dir, complete_steps, restore_state
 
@@ -130,7 +130,8 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
                                                       f"{s.steps} steps per restriction", unit="restriction",
                                        file=sys.stderr)
     for i, r in enumerate(todo):
-        run = jax.jit(jax.vmap(lambda p, k, m=masks[r]: estimate(trainer.loss, p, sample, k, s, trainable=m)))
+        run = jax.jit(lambda P, K, m=masks[r]: map_chains(
+            lambda a: estimate(trainer.loss, a[0], sample, a[1], s, trainable=m), (P, K)))
         keys = jax.random.split(jax.random.PRNGKey(seed + i), len(steps))
         res = jax.device_get(run(stacked, keys))
         traces[r] = s.nbeta * (np.asarray(res["loss"]) - np.asarray(res["ref"]))
@@ -297,14 +298,20 @@ def plot_dynamics(steps, coords, turns, transitions, explained, path: Path, titl
 # ---- calibration ---------------------------------------------------------------------------------------------
 def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
               nbeta: list[float] | None = None, settings: LLCSettings | None = None, batch_size: int | None = None,
-              seed: int = 0) -> Path:
-    """The ε x nβ sweep devinterp's notebooks do by hand, as one vmapped program at one checkpoint (default the
-    last): every cell's chains, their traces plotted per cell, and a recommendation. A cell is usable when its
-    diagnostics are clean (finite, not escaping, stationary, not negative); for each nβ the recommended ε is the
-    largest usable one whose estimate agrees (within 2 standard errors or 5 %) with the next smaller usable ε's
-    (a step size past that changes the answer: the discretisation, not the posterior, sets it); none when no two
-    neighbouring usable step sizes agree. Writes
-    RUN_DIR/llc/calibration.json and calibration.png; returns the folder."""
+              seed: int = 0, gamma: list[float] | None = None) -> Path:
+    """The ε x nβ (x γ) sweep devinterp's notebooks do by hand, as one program at one checkpoint (default
+    the last): every cell's chains, their traces plotted per cell, and a recommendation. A cell is usable when its
+    diagnostics are clean (finite, not escaping, stationary, not negative); for each nβ and γ the recommended ε is
+    the largest usable one whose estimate agrees (within 2 standard errors or 5 %) with the next smaller usable
+    ε's (a step size past that changes the answer: the discretisation, not the posterior, sets it); none when no
+    two neighbouring usable step sizes agree.
+
+    γ (default: the settings' one alone) asks a second question: does the localisation, rather than the loss, bound
+    the chains? Around a quadratic minimum with curvatures h, λ̂ = Σ nβh / (2 (nβh + γ)): directions with nβh >> γ
+    count 1/2 each, whatever γ, while directions with nβh << γ count nβh / 2γ, proportional to nβ / γ. So an
+    estimate that moves with γ, and grows with nβ, is the localisation's, not the model's. Each recommendation
+    says whether its estimate agrees (as above) at the next larger γ in the grid (``gamma_stable``; None with one
+    γ). Writes RUN_DIR/llc/calibration.json and calibration.png; returns the folder."""
     import dataclasses
 
     from lab.measures import llc_settings
@@ -317,48 +324,62 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     b = batch_size or trainer.cfg.trainer.batch_size
     s = settings or llc_settings(trainer.cfg.measures, b)
     nbeta = list(nbeta or [s.nbeta / 3, s.nbeta, s.nbeta * 3])
+    gamma = sorted(gamma or [s.gamma])
     eps = sorted(eps)
-    grid = [(e, nb) for nb in nbeta for e in eps]
+    grid = [(e, nb, g) for g in gamma for nb in nbeta for e in eps]
     trainable = jax.tree_util.tree_map(lambda f: not f, trainer.model.frozen_mask(p))
     sample = lambda k: trainer.task.sample(k, b)  # noqa: E731
 
-    def cell(e, nb, k):  # ε and nβ are traced: the whole grid is one program
-        return estimate(trainer.loss, p, sample, k, dataclasses.replace(s, eps=e, nbeta=nb), trainable=trainable)
+    def cell(e, nb, g, k):  # ε, nβ and γ are traced: the whole grid is one program
+        return estimate(trainer.loss, p, sample, k, dataclasses.replace(s, eps=e, nbeta=nb, gamma=g),
+                        trainable=trainable)
 
-    e_arr, nb_arr = (jnp.asarray([g[i] for g in grid], jnp.float32) for i in (0, 1))
+    e_arr, nb_arr, g_arr = (jnp.asarray([c[i] for c in grid], jnp.float32) for i in (0, 1, 2))
     keys = jax.random.split(jax.random.PRNGKey(seed), len(grid))
-    res = jax.device_get(jax.jit(jax.vmap(cell))(e_arr, nb_arr, keys))
+    res = jax.device_get(jax.jit(lambda *xs: map_chains(lambda a: cell(*a), xs))(e_arr, nb_arr, g_arr, keys))
     cells = []
-    for j, (e, nb) in enumerate(grid):
-        sj = dataclasses.replace(s, eps=e, nbeta=nb)
-        cells.append({"eps": e, "nbeta": nb, "llc": float(res["mean"][j]), "std_err": float(res["std_err"][j]),
-                      "chains": [float(x) for x in res["llc"][j]],
+    for j, (e, nb, g) in enumerate(grid):
+        sj = dataclasses.replace(s, eps=e, nbeta=nb, gamma=g)
+        cells.append({"eps": e, "nbeta": nb, "gamma": g, "llc": float(res["mean"][j]),
+                      "std_err": float(res["std_err"][j]), "chains": [float(x) for x in res["llc"][j]],
                       "diagnostics": diagnose({k: v[j] for k, v in res.items()}, sj)})
+
+    def agree(lo, hi):
+        return abs(hi["llc"] - lo["llc"]) <= max(2 * math.hypot(lo["std_err"], hi["std_err"]), 0.05 * abs(lo["llc"]))
+
+    at = {(c["eps"], c["nbeta"], c["gamma"]): c for c in cells}
     recommended = []
-    for nb in nbeta:
-        row = [c for c in cells if c["nbeta"] == nb and not c["diagnostics"]]
-        pick = None
-        for lo, hi in zip(row, row[1:], strict=False):  # ascending ε
-            tol = max(2 * math.hypot(lo["std_err"], hi["std_err"]), 0.05 * abs(lo["llc"]))
-            if abs(hi["llc"] - lo["llc"]) <= tol:
-                pick = hi
-        if pick is not None:  # none: no two neighbouring usable step sizes agree; widen the grid or the steps
-            recommended.append({"nbeta": nb, "eps": pick["eps"], "llc": pick["llc"], "std_err": pick["std_err"]})
+    for g in gamma:
+        for nb in nbeta:
+            row = [c for c in cells if c["nbeta"] == nb and c["gamma"] == g and not c["diagnostics"]]
+            pick = None
+            for lo, hi in zip(row, row[1:], strict=False):  # ascending ε
+                if agree(lo, hi):
+                    pick = hi
+            if pick is None:  # no two neighbouring usable step sizes agree; widen the grid or the steps
+                continue
+            larger = [x for x in gamma if x > g]
+            other = at[(pick["eps"], nb, larger[0])] if larger else None
+            stable = None if other is None or other["diagnostics"] else agree(pick, other)
+            recommended.append({"nbeta": nb, "gamma": g, "eps": pick["eps"], "llc": pick["llc"],
+                                "std_err": pick["std_err"], "gamma_stable": stable})
     out = run_dir / "llc"
     out.mkdir(exist_ok=True)
-    doc = {"run_dir": str(run_dir), "step": step, "batch_size": b, "settings": asdict(s), "cells": cells,
-           "recommended": recommended}
+    doc = {"run_dir": str(run_dir), "step": step, "batch_size": b, "settings": asdict(s), "gamma": gamma,
+           "cells": cells, "recommended": recommended}
     (out / "calibration.json").write_text(json.dumps(json_safe(doc), indent=2))
     traces = (np.asarray(res["loss"]) - np.asarray(res["ref"])) * np.asarray(nb_arr)[:, None, None]
-    fig, axs = plt.subplots(len(nbeta), len(eps), figsize=(2.6 * len(eps), 2.1 * len(nbeta)), squeeze=False,
+    rows = [(g, nb) for g in gamma for nb in nbeta]
+    fig, axs = plt.subplots(len(rows), len(eps), figsize=(2.6 * len(eps), 2.1 * len(rows)), squeeze=False,
                             sharex=True)
     for j, c in enumerate(cells):
-        ax = axs[nbeta.index(c["nbeta"]), eps.index(c["eps"])]
+        ax = axs[rows.index((c["gamma"], c["nbeta"])), eps.index(c["eps"])]
         ax.plot(traces[j].T, lw=0.7)
         ax.axvline(s.burn_in, color="gray", ls=":", lw=0.8)
         good = not c["diagnostics"]
-        chosen = any(r["eps"] == c["eps"] and r["nbeta"] == c["nbeta"] for r in recommended)
-        ax.set_title(f"eps {c['eps']:.0e}, nβ {c['nbeta']:.3g}\nλ̂ {c['llc']:.3g} ± {c['std_err']:.2g}", fontsize=7,
+        chosen = any((r["eps"], r["nbeta"], r["gamma"]) == (c["eps"], c["nbeta"], c["gamma"]) for r in recommended)
+        ax.set_title(f"eps {c['eps']:.0e}, nβ {c['nbeta']:.3g}" + (f", γ {c['gamma']:g}" if len(gamma) > 1 else "")
+                     + f"\nλ̂ {c['llc']:.3g} ± {c['std_err']:.2g}", fontsize=7,
                      color="green" if chosen else ("black" if good else "red"))
         ax.tick_params(labelsize=6)
         if not np.all(np.isfinite(traces[j])):
