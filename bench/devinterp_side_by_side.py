@@ -152,12 +152,11 @@ def side_by_side(run_dir: Path, steps: list[int] | None = None, *, chains: int =
 
 def plot(doc: dict, path: Path) -> None:
     rows = doc["checkpoints"]
-    x = [max(r["step"], 1) for r in rows]
+    x = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, colour in (("lab", "C0"), ("devinterp", "C1")):
         ax.errorbar(x, [r[name] for r in rows], yerr=[2 * r[f"{name}_se"] for r in rows], marker="o", ms=3,
                     capsize=2, color=colour, label=f"{name} ({doc[f'{name}_s']:.0f} s)")
-    ax.set_xscale("log")
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("LLC (mean over chains ± 2 se)")
     s = doc["settings"]

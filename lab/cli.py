@@ -232,8 +232,8 @@ def _llc(args) -> int:
                         seed=args.seed or 0)
         doc = json.loads((out / "calibration.json").read_text())
         for r in doc["recommended"]:
-            stable = {None: "", True: ", the same at the next gamma", False: ", NOT the same at the next gamma: "
-                      "the localisation bounds the chains"}[r["gamma_stable"]]
+            stable = {None: "", True: ", the same at the neighbouring gamma", False: ", NOT the same at the "
+                      "neighbouring gamma: the localisation bounds the chains"}[r["gamma_stable"]]
             print(f"nbeta {r['nbeta']:.4g}, gamma {r['gamma']:g}: eps {r['eps']:.0e} (llc {r['llc']:.3g} +- "
                   f"{r['std_err']:.2g}{stable})")
         if not doc["recommended"]:

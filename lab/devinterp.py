@@ -310,8 +310,9 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     the chains? Around a quadratic minimum with curvatures h, λ̂ = Σ nβh / (2 (nβh + γ)): directions with nβh >> γ
     count 1/2 each, whatever γ, while directions with nβh << γ count nβh / 2γ, proportional to nβ / γ. So an
     estimate that moves with γ, and grows with nβ, is the localisation's, not the model's. Each recommendation
-    says whether its estimate agrees (as above) at the next larger γ in the grid (``gamma_stable``; None with one
-    γ). Writes RUN_DIR/llc/calibration.json and calibration.png; returns the folder."""
+    says whether its estimate agrees (as above) with the same cell at the neighbouring γ of the grid, the next
+    larger or, for the largest, the next smaller (``gamma_stable``; None with one γ, or when that cell has
+    diagnostics). Writes RUN_DIR/llc/calibration.json and calibration.png; returns the folder."""
     import dataclasses
 
     from lab.measures import llc_settings
@@ -358,8 +359,9 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
                     pick = hi
             if pick is None:  # no two neighbouring usable step sizes agree; widen the grid or the steps
                 continue
-            larger = [x for x in gamma if x > g]
-            other = at[(pick["eps"], nb, larger[0])] if larger else None
+            # the neighbouring γ: the next larger one, or for the largest the next smaller one
+            near = [x for x in gamma if x > g][:1] or [x for x in gamma if x < g][-1:]
+            other = at[(pick["eps"], nb, near[0])] if near else None
             stable = None if other is None or other["diagnostics"] else agree(pick, other)
             recommended.append({"nbeta": nb, "gamma": g, "eps": pick["eps"], "llc": pick["llc"],
                                 "std_err": pick["std_err"], "gamma_stable": stable})
@@ -385,7 +387,7 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
         if not np.all(np.isfinite(traces[j])):
             ax.text(0.5, 0.5, "diverged", transform=ax.transAxes, ha="center", color="red")
     fig.suptitle(f"nβ (loss - start) per chain at step {step}; green: recommended, red: diagnostics", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle above the top row
     fig.savefig(out / "calibration.png", dpi=110)
     plt.close(fig)
     return out

@@ -12,6 +12,7 @@ from lab.errors import LabError
 from tests.conftest import TINY
 
 
+@pytest.mark.slow  # ~10-20 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_train_load_look_inside_fork_replay(tmp_path):
     run = lab.train(*TINY, f"run.dir={tmp_path / 'a'}")
     assert isinstance(run, lab.Run) and run.dir == tmp_path / "a"

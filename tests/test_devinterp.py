@@ -143,12 +143,11 @@ def test_calibration_sweeps_step_size_nbeta_and_gamma_and_recommends_a_stable_ce
         c = cells[(r["eps"], r["nbeta"], r["gamma"])]
         assert not c["diagnostics"] and r["eps"] in (3e-4, 1e-3)
     # this barely trained model's loss is flat: a ten times stronger localisation, not the loss, holds its chains,
-    # and shrinks every estimate; so no recommendation at gamma 100 is stable in gamma
+    # and shrinks every estimate; so no recommendation is stable in gamma
     for e in (3e-4, 1e-3):
         for nb in (10.0, 30.0):
             assert cells[(e, nb, 1000.0)]["llc"] < 0.5 * cells[(e, nb, 100.0)]["llc"]
-    assert all(r["gamma_stable"] is False for r in doc["recommended"] if r["gamma"] == 100.0)
-    assert all(r["gamma_stable"] is None for r in doc["recommended"] if r["gamma"] == 1000.0)
+    assert all(r["gamma_stable"] is False for r in doc["recommended"])
     assert (out / "calibration.png").stat().st_size > 10_000
 
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from lab.config import load_config
 from lab.measures import mechanism
@@ -34,6 +35,7 @@ def test_k_composition_reads_what_the_previous_head_writes():
     assert 0.05 < mechanism.random_k_composition(d, e) < high
 
 
+@pytest.mark.slow  # ~10-20 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_the_old_fixed_offset_layout_is_flagged_as_a_shortcut(tmp_path):
     """The old demo: BOS + a 16-token segment repeated at a fixed offset, learned positions. Its repeated-token
     loss falls, but by a layer-0 head that looks 15 back: the summary must say it is no induction circuit."""

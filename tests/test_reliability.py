@@ -89,6 +89,7 @@ def test_kill_9_at_ten_random_moments_then_resume_equals_uninterrupted(tmp_path)
 NAN_AT_5 = "+clamps.bad={site: blocks.0.hook_attn_out, value: constant, constant: nan, windows: [[5, 6]]}"
 
 
+@pytest.mark.slow  # ~10-20 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_non_finite_step_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "r"
     p = subprocess.run(lab_cmd("train", *TINY, NAN_AT_5, "checkpoint.every=4", f"run.dir={out}"),

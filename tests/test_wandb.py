@@ -84,6 +84,7 @@ def test_wandb_holds_group_condition_history_and_phase_per_run(batch):
     assert mids["none"] is not None
 
 
+@pytest.mark.slow  # ~10-20 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_a_fork_and_a_replay_name_their_parent_run_in_wandb(batch, tmp_path):
     parent = batch / "none-s0"
     (parent_run,) = [x["run"] for x in wandb_records(parent) if x["type"] == "run"]
