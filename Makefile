@@ -49,4 +49,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .venv-tl .pytest_cache
+	rm -rf $(VENV) $(TL) .pytest_cache

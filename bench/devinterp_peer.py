@@ -40,7 +40,6 @@ def next_token_loss(model, input_ids):
 def main():
     export = Path(sys.argv[1])
     torch.set_num_threads(os.cpu_count())
-    warnings.filterwarnings("ignore")  # devinterp warns that its temporary zarr store is not kept
     from datasets import Dataset
     from devinterp.slt.llc import llc
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -62,7 +61,8 @@ def main():
         with torch.no_grad():
             diff = (model(probe, return_type="logits") - torch.as_tensor(arrays[f"probe_logits.{step}"])).abs().max()
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             res = llc(model, data, {}, lr=s["eps"], n_beta=s["nbeta"], localization=s["gamma"],
                       num_chains=s["chains"], num_draws=s["steps"] - s["burn_in"], num_burnin_steps=s["burn_in"],
                       batch_size=s["batch_size"], init_seed=s["seed"], sampling_method="sgmcmc_sgld",
@@ -79,7 +79,9 @@ def main():
                                     for i in range(0, len(ids), 1024)]).mean())
         out["checkpoints"].append({"step": step, "seconds": seconds, "max_logit_diff": float(diff),
                                    "llc": float(np.mean(per_chain)), "chains": per_chain, "init_loss": init,
-                                   "set_loss": full, "loss_trace": trace})
+                                   "set_loss": full, "loss_trace": trace,
+                                   # devinterp's own reports, "Chain failed: ..." among them
+                                   "warnings": sorted({str(w.message) for w in caught if "Chain" in str(w.message)})})
         print(f"devinterp: step {step}: llc {np.mean(per_chain):.3f} ({out['checkpoints'][-1]['seconds']:.1f} s)",
               file=sys.stderr)
     print(json.dumps(out))

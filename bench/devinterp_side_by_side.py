@@ -1,7 +1,8 @@
 """The LLC of a run's checkpoints by the lab and by devinterp, side by side on the same data and settings.
 
     .venv/bin/python bench/devinterp_side_by_side.py RUN_DIR [--steps 500,3000] [--chains 8] [--llc-steps 200]
-        [--eps 1e-3] [--gamma 100] [--batch-size 64] [--python .venv-tl/bin/python] [--out DIR]
+        [--burn-in 0] [--eps 1e-3] [--gamma 100] [--nbeta B] [--batch-size 64] [--seed 0]
+        [--python .venv-tl/bin/python] [--out DIR]
 
 The lab half (this process) restores the checkpoints, draws one fixed sampling set from the run's task (enough
 sequences that no minibatch repeats: chains' steps x batch), and estimates the LLC of every checkpoint with
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lab.devinterp import load_checkpoints  # noqa: E402
+from lab.devinterp import json_safe, load_checkpoints  # noqa: E402
 from lab.errors import LabError  # noqa: E402
 from lab.measures.llc import LLCSettings, default_nbeta, estimate, map_chains  # noqa: E402
 from lab.plots import plt  # noqa: E402
@@ -99,8 +99,7 @@ def export(out: Path, trainer, steps, stacked, ids: np.ndarray, s: LLCSettings, 
 
 
 def run_peer(python: str, export_dir: Path) -> dict:
-    proc = subprocess.run([python, str(PEER), str(export_dir)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run([python, str(PEER), str(export_dir)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"devinterp_peer.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -118,7 +117,13 @@ def side_by_side(run_dir: Path, steps: list[int] | None = None, *, chains: int =
     """Both estimates at every checkpoint (or ``steps``); see the module doc. Returns what side_by_side.json holds."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "llc" / "devinterp"
+    if not Path(python).is_file():
+        raise LabError(f"--python={python}: no such interpreter; `make bench-tl-env` builds .venv-tl")
     trainer, steps, stacked = load_checkpoints(run_dir, steps)
+    tl_config(trainer.model)  # an unexportable model is refused before any sampling
+    if trainer.cfg.model.freeze:  # devinterp would move what the lab holds fixed
+        raise LabError(f"model.freeze={list(trainer.cfg.model.freeze)}: the devinterp comparison needs every "
+                       "parameter free (devinterp samples them all)")
     b = batch_size or trainer.cfg.trainer.batch_size
     s = LLCSettings(nbeta=nbeta or default_nbeta(b), eps=eps, gamma=gamma, chains=chains, steps=llc_steps,
                     burn_in=burn_in)
@@ -136,7 +141,8 @@ def side_by_side(run_dir: Path, steps: list[int] | None = None, *, chains: int =
                      "devinterp_own": theirs["llc"], "z": (lm - dm) / max(np.hypot(ls, ds), 1e-12),
                      # nβ x the error of devinterp's init_loss against the checkpoint's loss on the whole set
                      "init_offset": s.nbeta * (theirs["init_loss"] - theirs["set_loss"]),
-                     "max_logit_diff": theirs["max_logit_diff"], "devinterp_s": theirs["seconds"]})
+                     "max_logit_diff": theirs["max_logit_diff"], "devinterp_s": theirs["seconds"],
+                     "devinterp_warnings": theirs["warnings"]})
     lab_s = lab["compile_s"] + lab["run_s"]
     dv_s = sum(r["devinterp_s"] for r in rows)
     doc = {"run_dir": str(run_dir), "settings": {**s.__dict__, "batch_size": b, "seed": seed,
@@ -145,7 +151,7 @@ def side_by_side(run_dir: Path, steps: list[int] | None = None, *, chains: int =
            "lab_compile_s": lab["compile_s"], "lab_run_s": lab["run_s"], "lab_s": lab_s, "devinterp_s": dv_s,
            "speedup": dv_s / lab_s, "checkpoints": rows}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "side_by_side.json").write_text(json.dumps(doc, indent=1))
+    (out / "side_by_side.json").write_text(json.dumps(json_safe(doc), indent=1))
     plot(doc, out / "llc_side_by_side.png")
     return doc
 
@@ -184,15 +190,22 @@ def main():
     ap.add_argument("--out", type=Path, default=None, help="default RUN_DIR/llc/devinterp")
     a = ap.parse_args()
     steps = None if a.steps == "all" else [int(x) for x in a.steps.split(",")]
-    doc = side_by_side(a.run_dir, steps, chains=a.chains, llc_steps=a.llc_steps, burn_in=a.burn_in, eps=a.eps,
-                       gamma=a.gamma, nbeta=a.nbeta, batch_size=a.batch_size, seed=a.seed, python=a.python,
-                       out=a.out)
+    try:
+        doc = side_by_side(a.run_dir, steps, chains=a.chains, llc_steps=a.llc_steps, burn_in=a.burn_in, eps=a.eps,
+                           gamma=a.gamma, nbeta=a.nbeta, batch_size=a.batch_size, seed=a.seed, python=a.python,
+                           out=a.out)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"{'step':>6} {'lab':>14} {'devinterp':>14} {'z':>6} {'init offset':>11} {'logit diff':>10}")
     for r in doc["checkpoints"]:
         print(f"{r['step']:>6} {r['lab']:>8.3f} ±{r['lab_se']:.3f} {r['devinterp']:>8.3f} ±{r['devinterp_se']:.3f} "
               f"{r['z']:>6.2f} {r['init_offset']:>11.3f} {r['max_logit_diff']:>10.1e}")
     print(f"lab {doc['lab_s']:.1f} s (compile {doc['lab_compile_s']:.1f} s), devinterp {doc['devinterp_s']:.1f} s: "
           f"{doc['speedup']:.1f}x")
+    for r in doc["checkpoints"]:
+        for w in r["devinterp_warnings"]:
+            print(f"devinterp at step {r['step']}: {w}")
 
 
 if __name__ == "__main__":

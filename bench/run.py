@@ -37,6 +37,7 @@ import numpy as np
 from lab.checkpoint import Checkpointer
 from lab.clamp import ClampConfig
 from lab.config import load_config
+from lab.errors import LabError
 from lab.loop import Sink, drive
 from lab.trainer import Trainer
 
@@ -302,14 +303,20 @@ def bench_demo() -> dict:
 
 def bench_devinterp() -> dict:
     py = ROOT / ".venv-tl" / "bin" / "python"
-    if not py.exists():
+    if not (ROOT / ".venv-tl" / ".installed").exists():  # an older .venv-tl may lack devinterp
         print("  skipped: no devinterp environment (make bench-tl-env)", file=sys.stderr)
-        return {"skipped": "no .venv-tl (make bench-tl-env)"}
+        return {"skipped": "no .venv-tl/.installed (make bench-tl-env)"}
     from devinterp_side_by_side import side_by_side
 
     d = Path(tempfile.mkdtemp()) / "demo"
     _child([str(Path(sys.executable).parent / "lab"), "train", "experiment=demo", *QUIET, f"run.dir={d}", "--quiet"])
-    doc = side_by_side(d, chains=4, llc_steps=200, burn_in=50, eps=1e-3, python=str(py), out=d / "llc" / "devinterp")
+    try:
+        doc = side_by_side(d, chains=4, llc_steps=200, burn_in=50, eps=1e-3, python=str(py),
+                           out=d / "llc" / "devinterp")
+    except (RuntimeError, LabError) as e:  # the other sections' results are still written
+        msg = (str(e).strip().splitlines() or ["failed"])[-1]
+        print(f"  failed: {msg}", file=sys.stderr)
+        return {"failed": msg}
     rows = doc["checkpoints"]
     res = {"checkpoints": len(rows), "lab_s": doc["lab_s"], "lab_compile_s": doc["lab_compile_s"],
            "devinterp_s": doc["devinterp_s"], "speedup": doc["speedup"], "max_abs_z": max(abs(r["z"]) for r in rows),

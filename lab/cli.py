@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     lc.add_argument("--wandb", nargs="?", const="offline", default=None, metavar="MODE",
                     help="log to wandb (default: as the run's tracking.wandb.mode)")
     lc.add_argument("--calibrate", action="store_true",
-                    help="sweep step size x nbeta at one checkpoint (--steps S, default the last) and recommend")
+                    help="sweep step size x nbeta (x gamma) at one checkpoint (--steps S, default the last), recommend")
     lc.add_argument("--eps-grid", default="1e-5,3e-5,1e-4,3e-4,1e-3", help="--calibrate: step sizes")
     lc.add_argument("--nbeta-grid", default=None, help="--calibrate: nbeta values (default: default/3, default, x3)")
     lc.add_argument("--gamma-grid", default=None, help="--calibrate: localisation strengths (default: --gamma alone)")
@@ -182,6 +182,7 @@ def _compare(args) -> int:
 def _llc(args) -> int:
     import dataclasses
     import json
+    import math
 
     from lab.config import from_yaml
     from lab.devinterp import llc_over_checkpoints
@@ -218,14 +219,17 @@ def _llc(args) -> int:
         from lab.devinterp import calibrate
 
         grids = {}
-        for name, text in (("--eps-grid", args.eps_grid), ("--nbeta-grid", args.nbeta_grid),
-                           ("--gamma-grid", args.gamma_grid)):
+        for name, text, low in (("--eps-grid", args.eps_grid, "> 0"), ("--nbeta-grid", args.nbeta_grid, "> 0"),
+                                ("--gamma-grid", args.gamma_grid, ">= 0")):
+            allowed = f"comma-separated finite numbers {low}"
             try:
                 grids[name] = [float(x) for x in text.split(",") if x] if text else None
             except ValueError as e:
-                raise LabError(f"{name}={text}: comma-separated numbers > 0") from e
-            check(text is None and name != "--eps-grid" or bool(grids[name]) and min(grids[name]) > 0, name, text,
-                  "comma-separated numbers > 0")
+                raise LabError(f"{name}={text!r}: {allowed}") from e
+            values = grids[name]
+            ok = (text is None and name != "--eps-grid") or bool(values) and all(
+                math.isfinite(v) and (v >= 0 if low == ">= 0" else v > 0) for v in values)
+            check(ok, name, text, allowed)
         check(steps is None or len(steps) == 1, "--steps", args.steps, "one checkpoint step with --calibrate")
         out = calibrate(args.run_dir, step=steps[0] if steps else None, eps=grids["--eps-grid"],
                         nbeta=grids["--nbeta-grid"], gamma=grids["--gamma-grid"], settings=s, batch_size=b,

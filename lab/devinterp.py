@@ -324,9 +324,9 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     p = jax.tree_util.tree_map(lambda x: x[0], stacked)
     b = batch_size or trainer.cfg.trainer.batch_size
     s = settings or llc_settings(trainer.cfg.measures, b)
-    nbeta = list(nbeta or [s.nbeta / 3, s.nbeta, s.nbeta * 3])
-    gamma = sorted(gamma or [s.gamma])
-    eps = sorted(eps)
+    nbeta = sorted(set(nbeta or [s.nbeta / 3, s.nbeta, s.nbeta * 3]))  # a repeated value would repeat its cells
+    gamma = sorted(set(gamma or [s.gamma]))
+    eps = sorted(set(eps))
     grid = [(e, nb, g) for g in gamma for nb in nbeta for e in eps]
     trainable = jax.tree_util.tree_map(lambda f: not f, trainer.model.frozen_mask(p))
     sample = lambda k: trainer.task.sample(k, b)  # noqa: E731

@@ -8,8 +8,11 @@ residual or Shortformer positions (TransformerLens's ``positional_embedding_type
 (the lab's readout never predicts BOS). With it a lab checkpoint loads into tools written for TransformerLens
 models, devinterp's LLC estimator among them (bench/devinterp_side_by_side.py).
 
-Only models TransformerLens has are exported; any other option is refused naming the field. Biases must be on:
-TransformerLens always has them, and zero biases that a sampler may move are not the lab's model.
+Only what has been checked against TransformerLens is exported (the demo's and the papers' attention-only models,
+the sequential MLP); any other option is refused naming the field, whether TransformerLens lacks it (sinusoidal and
+other fixed positions, W_Q = I, concatenated heads, Reddy's classifier head, continuous inputs) or has it
+unchecked here (no attention scale, a parallel MLP). Biases must be on: TransformerLens always has them, and zero
+biases that a sampler may move are not the lab's model.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ def check_exportable(model: Transformer) -> None:
               ("model.bias", cfg.bias, not cfg.bias, "true (TransformerLens always has biases)"),
               ("model.use_wo", cfg.use_wo, not cfg.use_wo, "true"),
               ("model.wq_identity", cfg.wq_identity, cfg.wq_identity, "false"),
-              ("model.attn_scale", cfg.attn_scale, not cfg.attn_scale, "true"),
+              ("model.attn_scale", cfg.attn_scale, not cfg.attn_scale, "true (false is not checked yet)"),
               ("model.mlp_head", cfg.mlp_head, cfg.mlp_head != 0, "0"),
-              ("model.parallel_attn_mlp", cfg.parallel_attn_mlp, cfg.parallel_attn_mlp, "false"),
-              ("model.feature_dim", model.feature_dim, model.feature_dim != 0, "0 (token inputs only)")]
+              ("model.parallel_attn_mlp", cfg.parallel_attn_mlp, cfg.parallel_attn_mlp,
+               "false (true is not checked yet)"),
+              ("the task's feature inputs (feature_dim)", model.feature_dim, model.feature_dim != 0,
+               "a token-only task")]
     for field, value, bad, allowed in refuse:
         if bad:
             raise LabError(f"{field}={value}: TransformerLens export needs {allowed}")

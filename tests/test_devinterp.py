@@ -117,7 +117,8 @@ def test_essential_dynamics_files_and_cli(run, capsys):
                        (["llc", str(run), "--restrict", "L9"], "--restrict=L9"),
                        (["llc", str(run), "--restrict", ","], "--restrict="),
                        (["llc", str(run), "--calibrate", "--eps-grid", ""], "--eps-grid"),
-                       (["llc", str(run), "--calibrate", "--gamma-grid", "0,100"], "--gamma-grid='0,100'"),
+                       (["llc", str(run), "--calibrate", "--gamma-grid=-1,100"], "--gamma-grid='-1,100'"),
+                       (["llc", str(run), "--calibrate", "--eps-grid", "inf"], "--eps-grid='inf'"),
                        (["llc", str(run), "--gamma", "-1"], "--gamma=-1")):
         code = main(argv)  # in-process, as the CLI runs it (one subprocess each would cost a JAX import)
         err = capsys.readouterr().err.strip()
