@@ -42,6 +42,7 @@ def test_train_load_look_inside_fork_replay(tmp_path):
     assert rep.loc[60, "test/loss"] == pytest.approx(m.loc[60, "test/loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # 10-40 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_train_of_several_seeds_returns_a_run_each(tmp_path):
     runs = lab.train(*TINY, "trainer.num_seeds=2", "trainer.steps=20", "checkpoint.every=20",
                      f"run.dir={tmp_path}")

@@ -24,6 +24,7 @@ def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
         np.testing.assert_allclose([ra[k] for k in keys], [rb[k] for k in keys], rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow  # 10-40 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
     # seeds x clamp conditions x segment lengths (repeat's seg_len moves the evaluation set's "repeated" mask,
     # which is then held per run); log-spaced rows make stops between full scan chunks (the remainder loop)
@@ -62,6 +63,7 @@ def test_run_i_of_a_batch_equals_the_same_run_alone(tiny, tmp_path):
     assert "seg_len: 8" in run_cfg
 
 
+@pytest.mark.slow  # 10-40 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_a_batch_that_does_not_fit_is_refused_before_anything_is_written(tiny, tmp_path):
     out = tmp_path / "b"
     p = subprocess.run(lab_cmd("train", *tiny, "trainer.num_seeds=4", "trainer.memory_limit_gb=1e-5",
@@ -140,6 +142,7 @@ def test_a_single_listed_seed_is_trained_not_ignored(tiny):
     assert not is_batch(load_config(tiny)[0])
 
 
+@pytest.mark.slow  # 10-40 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_conditions_batched_per_condition_write_the_same_directories_as_solo_runs(tiny, tmp_path):
     """lab.conditions.run_conditions(batched=True): each condition's seeds as one program, into
     ROOT/<condition>-s<seed>, each run's directory as a solo run writes it; finished runs are not trained again."""

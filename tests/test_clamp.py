@@ -87,6 +87,7 @@ def test_stop_gradient_zeroes_what_feeds_only_the_clamped_site():
     assert np.any(np.asarray(g2["blocks"]["1"]["attn"]["W_Q"]) != 0.0)
 
 
+@pytest.mark.slow  # 10-40 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_training_steps_outside_window_equal_unclamped_and_no_recompilation():
     clamp = ClampConfig(site="blocks.0.attn.hook_pattern", heads=[0], value="previous_token", windows=[[20, 40]])
     free = setup()
