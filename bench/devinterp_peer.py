@@ -8,7 +8,8 @@ JSON document.
 EXPORT_DIR holds ``export.json`` ({"tl_config": HookedTransformerConfig kwargs, "steps": [...], "settings":
 {eps, gamma, nbeta, chains, steps, burn_in, batch_size, seed}}) and ``arrays.npz`` (``input_ids`` [N, T + 1], the
 sampling set; ``probe`` [P, T] and ``probe_logits.{step}`` [P, T, V], the lab's logits; ``{step}/{weight}``, each
-checkpoint's weights by TransformerLens's names).
+checkpoint's weights by TransformerLens's names; ``grad.{step}/{weight}``, the lab's gradient of the mean
+next-token loss on the probe's P sequences).
 
 For each checkpoint: the weights load into ``HookedTransformer`` (the largest logit difference from the lab's on
 the probe is reported), then ``devinterp.slt.llc.llc`` samples with SGLD (``sgmcmc_sgld``) at the given ε (lr),
@@ -60,6 +61,14 @@ def main():
                              f"parameters the lab lacks {sorted(params & set(missing))}")
         with torch.no_grad():
             diff = (model(probe, return_type="logits") - torch.as_tensor(arrays[f"probe_logits.{step}"])).abs().max()
+        # the gradient of the mean next-token loss on the probe, against the lab's: largest difference over every
+        # weight, relative to the largest gradient entry
+        model.zero_grad(set_to_none=True)
+        next_token_loss(model, torch.as_tensor(arrays["input_ids"][:8].astype(np.int64))).mean().backward()
+        lab_grad = {k.split("/", 1)[1]: arrays[k] for k in arrays.files if k.startswith(f"grad.{step}/")}
+        gdiff = max(float(np.abs(p.grad.numpy() - lab_grad[n]).max()) for n, p in model.named_parameters())
+        gdiff /= max(float(np.abs(g).max()) for g in lab_grad.values())
+        model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -78,6 +87,7 @@ def main():
             full = float(torch.cat([next_token_loss(model, ids[i:i + 1024]).mean(1)
                                     for i in range(0, len(ids), 1024)]).mean())
         out["checkpoints"].append({"step": step, "seconds": seconds, "max_logit_diff": float(diff),
+                                   "max_grad_diff": gdiff,
                                    "llc": float(np.mean(per_chain)), "chains": per_chain, "init_loss": init,
                                    "set_loss": full, "loss_trace": trace,
                                    # devinterp's own reports, "Chain failed: ..." among them

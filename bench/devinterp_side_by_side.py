@@ -5,7 +5,8 @@
         [--python .venv-tl/bin/python] [--out DIR]
 
 The lab half (this process) restores the checkpoints, draws one fixed sampling set from the run's task (enough
-sequences that no minibatch repeats: chains' steps x batch), and estimates the LLC of every checkpoint with
+sequences that devinterp's one pass over it never repeats a minibatch: chains' steps x batch; the lab's chains
+draw rows with replacement), and estimates the LLC of every checkpoint with
 ``lab.measures.llc.estimate`` (SGLD, checkpoints x chains in one jitted program, as ``lab llc`` runs them) on
 minibatches of that set. It exports the checkpoints as TransformerLens weights (lab/transformerlens.py) with the
 same set, and bench/devinterp_peer.py, in the optional torch environment, estimates them with devinterp's ``llc``
@@ -85,11 +86,15 @@ def lab_llc(trainer, stacked, ids: np.ndarray, s: LLCSettings, batch_size: int, 
 def export(out: Path, trainer, steps, stacked, ids: np.ndarray, s: LLCSettings, batch_size: int, seed: int) -> None:
     """What devinterp_peer.py reads: export.json and arrays.npz (see its doc)."""
     arrays = {"input_ids": ids, "probe": ids[:8, :-1]}
-    probe = {"tokens": jnp.asarray(ids[:8, :-1])}
+    x = jnp.asarray(ids[:8])
+    probe = {"tokens": x[:, :-1], "targets": x[:, 1:], "loss_mask": jnp.ones(x[:, 1:].shape, jnp.float32)}
+    grad = jax.jit(jax.grad(trainer.loss))
     for j, step in enumerate(steps):
         params = jax.tree_util.tree_map(lambda x, j=j: x[j], stacked)
         arrays[f"probe_logits.{step}"] = np.asarray(trainer.model.apply(params, probe), np.float32)
         arrays |= {f"{step}/{k}": v for k, v in tl_state_dict(trainer.model, params).items()}
+        # the loss's gradient on the probe: the SGLD drift both samplers follow
+        arrays |= {f"grad.{step}/{k}": v for k, v in tl_state_dict(trainer.model, grad(params, probe)).items()}
     meta = {"tl_config": tl_config(trainer.model), "steps": list(steps),
             "settings": {"eps": s.eps, "gamma": s.gamma, "nbeta": s.nbeta, "chains": s.chains, "steps": s.steps,
                          "burn_in": s.burn_in, "batch_size": batch_size, "seed": seed}}
@@ -141,7 +146,8 @@ def side_by_side(run_dir: Path, steps: list[int] | None = None, *, chains: int =
                      "devinterp_own": theirs["llc"], "z": (lm - dm) / max(np.hypot(ls, ds), 1e-12),
                      # nβ x the error of devinterp's init_loss against the checkpoint's loss on the whole set
                      "init_offset": s.nbeta * (theirs["init_loss"] - theirs["set_loss"]),
-                     "max_logit_diff": theirs["max_logit_diff"], "devinterp_s": theirs["seconds"],
+                     "max_logit_diff": theirs["max_logit_diff"], "max_grad_diff": theirs["max_grad_diff"],
+                     "devinterp_s": theirs["seconds"],
                      "devinterp_warnings": theirs["warnings"]})
     lab_s = lab["compile_s"] + lab["run_s"]
     dv_s = sum(r["devinterp_s"] for r in rows)
@@ -197,10 +203,11 @@ def main():
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{'step':>6} {'lab':>14} {'devinterp':>14} {'z':>6} {'init offset':>11} {'logit diff':>10}")
+    print(f"{'step':>6} {'lab':>14} {'devinterp':>14} {'z':>6} {'init offset':>11} {'logit diff':>10} "
+          f"{'grad diff':>9}")
     for r in doc["checkpoints"]:
         print(f"{r['step']:>6} {r['lab']:>8.3f} ±{r['lab_se']:.3f} {r['devinterp']:>8.3f} ±{r['devinterp_se']:.3f} "
-              f"{r['z']:>6.2f} {r['init_offset']:>11.3f} {r['max_logit_diff']:>10.1e}")
+              f"{r['z']:>6.2f} {r['init_offset']:>11.3f} {r['max_logit_diff']:>10.1e} {r['max_grad_diff']:>9.1e}")
     print(f"lab {doc['lab_s']:.1f} s (compile {doc['lab_compile_s']:.1f} s), devinterp {doc['devinterp_s']:.1f} s: "
           f"{doc['speedup']:.1f}x")
     for r in doc["checkpoints"]:

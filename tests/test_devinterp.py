@@ -173,6 +173,7 @@ def test_devinterp_estimates_the_same_llc_from_the_same_checkpoints(run, tmp_pat
     assert [r["step"] for r in rows] == [0, 60]
     for r in rows:
         assert r["max_logit_diff"] < 1e-4, r  # the same function in both frameworks
+        assert r["max_grad_diff"] < 1e-4, r  # and the same gradient, relative to its largest entry
         assert abs(r["z"]) < 3, r
         assert r["devinterp"] == pytest.approx(r["devinterp_own"], rel=1e-5)  # no burn-in: devinterp's own number
     # and what they agree on differs between the checkpoints: the untrained model is no local minimum (the chains
