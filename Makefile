@@ -10,10 +10,12 @@ TL_STAMP := $(TL)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the lab, and the worked plug-in example (examples/noisy_copy: its entry point registers a task, a measure,
+# a clamp value and an evaluator; the tests train, replay, fork, resume and compare through it)
+$(STAMP): pyproject.toml examples/noisy_copy/pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev]" -e examples/noisy_copy
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,7 +1,9 @@
 """induction-lab: watch induction heads form.
 
 The Python API (lab/api.py): ``lab.train(*overrides)``, ``lab.load(run_dir)`` (a ``lab.Run``: config,
-metrics, steps, params, cache, phase, fork, replay) and ``lab.compare(paths, ...)``. They load on first use,
+metrics, steps, params, cache, phase, fork, replay) and ``lab.compare(paths, ...)``; a researcher's own
+task, measure, clamp value and evaluator: ``lab.register_task(...)`` and the like (lab/plugins.py). They load
+on first use,
 so ``import lab`` (and the ``lab`` command) stays light.
 
 Importing the lab turns on JAX's persistent compilation cache (``$LAB_COMPILATION_CACHE``, default
@@ -31,7 +33,9 @@ _compilation_cache()
 
 
 _API = ("Run", "compare", "load", "train")
-__all__ = list(_API)
+# your own task, measure, clamp value and evaluator (lab/plugins.py)
+_PLUGINS = ("register_task", "register_measure", "register_clamp_value", "register_evaluator", "register_configs")
+__all__ = list(_API + _PLUGINS)
 
 
 def __getattr__(name: str):
@@ -39,4 +43,8 @@ def __getattr__(name: str):
         from lab import api
 
         return getattr(api, name)
+    if name in _PLUGINS:
+        from lab import plugins
+
+        return getattr(plugins, name)
     raise AttributeError(f"module 'lab' has no attribute {name!r}")

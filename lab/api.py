@@ -101,11 +101,12 @@ class Run:
         return self.state(step).params
 
     def batch(self, evaluator: str | None = None) -> dict:
-        """A fixed evaluation batch of the run's task (default: its first evaluator)."""
-        evals = self.trainer.task.evals
+        """A fixed evaluation batch of the run's task or of one of its registered ``evaluators`` (default: the
+        task's first)."""
+        evals = self.trainer.evals
         name = evaluator or next(iter(evals))
         if name not in evals:
-            raise LabError(f"evaluator={name}: the task {self.config.task.name} has {', '.join(evals)}")
+            raise LabError(f"evaluator={name}: the run (task {self.config.task.name}) has {', '.join(evals)}")
         return evals[name]
 
     def cache(self, step: int | None = None, names: list[str] | tuple[str, ...] | None = None,

@@ -29,7 +29,10 @@ Value sources (docs/science.md §3):
 - ``reference``: what another run's checkpoint (``reference_dir``, ``reference_step``) computes at
   this site on the same batch;
 - ``frozen``: what this run's own parameters as they were when the clamp's window opened compute on
-  the current batch: part of the circuit frozen mid-training while the rest learns.
+  the current batch: part of the circuit frozen mid-training while the rest learns;
+- any value registered with ``lab.register_clamp_value(name, fn)`` (lab/plugins.py): ``fn(x, inputs)``
+  with ``inputs`` a ``ClampInputs`` (batch, params, the spec and its ``args``, task, model). ``zero``,
+  ``constant`` and ``mean`` are registered this way too: a user's value takes the same path.
 """
 
 from __future__ import annotations
@@ -37,16 +40,20 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lab import plugins
 from lab.errors import LabError, check
 from lab.hooks import Hooks
 from lab.measures.attention import induction_targets
 
-VALUES = ("zero", "constant", "mean", "previous_embed", "previous_token", "induction", "uniform", "self", "first",
+# the values with machinery of their own (extra forward passes, shared embeddings, other sites); the rest
+# (zero, constant, mean, and a user's) are registered clamp values, functions of the activation
+VALUES = ("previous_embed", "previous_token", "induction", "uniform", "self", "first",
           "ablate", "perfect_copy", "reference", "frozen")
 PATTERN_VALUES = ("previous_token", "induction", "uniform", "self", "first", "perfect_copy")
 POSITION_WORDS = ("all", "last", "query", "labels", "items")
@@ -70,6 +77,37 @@ class ClampConfig:
     preserve: str = "none"  # value=ablate: none | patterns | values
     reference_dir: str | None = None  # value=reference: a run directory
     reference_step: int | None = None  # value=reference: a checkpoint step of that run (default: latest)
+    args: dict[str, Any] = field(default_factory=dict)  # a registered value's own settings (ClampInputs.spec.args)
+
+
+@dataclass(frozen=True)
+class ClampInputs:
+    """What a registered clamp value reads besides the activation: the forward pass's batch and parameters,
+    the clamp's spec (its ``args`` hold the value's own settings), the task and the model."""
+
+    batch: dict
+    params: Any
+    spec: ClampConfig
+    task: Any
+    model: Any
+
+
+def _zero(x, inputs: ClampInputs):
+    return jnp.zeros_like(x)
+
+
+def _constant(x, inputs: ClampInputs):
+    return jnp.full_like(x, inputs.spec.constant)
+
+
+def _mean(x, inputs: ClampInputs):
+    """The mean over the batch (of this batch's sequences, position by position)."""
+    return jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape)
+
+
+plugins.register_clamp_value("zero", _zero)
+plugins.register_clamp_value("constant", _constant)
+plugins.register_clamp_value("mean", _mean)
 
 
 def _field(name, f):
@@ -77,7 +115,8 @@ def _field(name, f):
 
 
 def validate_spec(name: str, c: ClampConfig) -> None:
-    check(c.value in VALUES, _field(name, "value"), c.value, f"one of {', '.join(VALUES)}")
+    check(c.value in VALUES or c.value in plugins.clamp_values, _field(name, "value"), c.value,
+          f"one of {', '.join((*plugins.clamp_values.names(), *VALUES))}")
     check(0.0 <= c.strength <= 1.0, _field(name, "strength"), c.strength, "must be in [0, 1]")
     check(0.0 <= c.induction_strength <= 1.0, _field(name, "induction_strength"), c.induction_strength,
           "must be in [0, 1]")
@@ -142,6 +181,11 @@ class _Clamp:
             check(kind in RESIDUAL_WIDE and shape[-1] == cfg.d_model, _field(name, "site"), site,
                   "value=previous_embed needs a blocks.L.hook_attn_out, hook_resid_pre, hook_resid_post or "
                   "hook_q_input/hook_k_input/hook_v_input site")
+        plugin = plugins.clamp_values.get(c.value) if c.value not in VALUES else None
+        if plugin is not None and plugin.sites is not None:
+            check(kind in plugin.sites, _field(name, "site"), site,
+                  f"value={c.value} (package {plugin.package}) acts on {', '.join(plugin.sites)} sites only")
+        self.plugin = plugin
         if c.value == "perfect_copy":
             check(c.heads is not None and len(c.heads) == 1, _field(name, "heads"), c.heads,
                   "value=perfect_copy needs exactly one head")
@@ -300,7 +344,8 @@ class ClampSet:
         for cl in active:
             # a probe clamp (measures.clamps) has no gate: it acts on every run of a batch alike
             on = cl.on(step) if gates is None or cl.name not in gates else cl.on(step) * gates[cl.name]
-            interventions.setdefault(cl.site, []).append(self._make(cl, batch, on, extra.get(cl.name), t, shared))
+            interventions.setdefault(cl.site, []).append(self._make(cl, batch, on, extra.get(cl.name), t, shared,
+                                                                    params))
             if cl.c.value == "ablate" and cl.c.preserve != "none":
                 for site, v in extra[cl.name].items():
                     interventions.setdefault(site, []).append(_overwrite(v, on))
@@ -311,16 +356,19 @@ class ClampSet:
         fns = {site: _chain(fs) for site, fs in interventions.items()}
         return Hooks(capture=capture, interventions=fns)
 
-    def _make(self, cl: _Clamp, batch, on, extra, t, shared):
+    def _make(self, cl: _Clamp, batch, on, extra, t, shared, params=None):
         c = cl.c
 
         def source(x):
-            if c.value in ("zero", "ablate"):
+            if cl.plugin is not None:  # a registered value: a function of the activation and the pass's inputs
+                v = cl.plugin.fn(x, ClampInputs(batch, params, c, self.task, self.model))
+                if getattr(v, "shape", None) != x.shape:
+                    raise LabError(f"clamps.{cl.name}.value={c.value}: the value (package {cl.plugin.package}) "
+                                   f"returned shape {getattr(v, 'shape', type(v).__name__)}, the site "
+                                   f"{cl.site} has {x.shape}")
+                return v.astype(x.dtype), None
+            if c.value == "ablate":
                 return jnp.zeros_like(x), None
-            if c.value == "constant":
-                return jnp.full_like(x, c.constant), None
-            if c.value == "mean":
-                return jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape), None
             if c.value in ("reference", "frozen"):
                 return extra[cl.site], None
             if c.value == "previous_embed":

@@ -9,7 +9,6 @@ raises ``LabError`` with one line naming the field, the value and what is allowe
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lab import plugins
 from lab.checkpoint import CheckpointConfig
 from lab.clamp import ClampConfig
 from lab.errors import LabError, check
@@ -28,7 +28,7 @@ from lab.measures import MeasuresConfig
 from lab.measures.cadence import CadenceConfig
 from lab.model import ModelConfig
 from lab.optim import OptimConfig
-from lab.tasks import TASKS
+from lab.tasks import make_task  # noqa: F401  (registers the lab's tasks)
 from lab.tracking import TrackingConfig, WandbConfig
 
 
@@ -62,10 +62,16 @@ class Config:
     task_values: dict[str, Any] = field(default_factory=dict)
     watch: str | None = None  # metric whose transitions are detected (default: the task's)
     watch_threshold: float | None = None  # also report the first step the watched metric is below this
+    # registered evaluators (lab.plugins.register_evaluator) run beside the task's own, as NAME/<metric>
+    evaluators: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        fields = TASKS[self.task.name][1].data_fields if getattr(self.task, "name", None) in TASKS else ()
+        entry = plugins.tasks.get(getattr(self.task, "name", None))
+        fields = entry.task.data_fields if entry is not None else ()
+        for name in self.evaluators:
+            check(name in plugins.evaluators, "evaluators", list(self.evaluators),
+                  f"registered evaluators: {', '.join(plugins.evaluators.names()) or 'none'}")
         for name, values in self.task_values.items():
             check(name in fields, f"task_values.{name}", values,
                   f"a data field of task {self.task.name}: {', '.join(fields) or 'it has none'}")
@@ -86,19 +92,13 @@ def _register() -> None:
     # a clamp preset's clamps are typed like this (their defaults list pulls it in), so any field of a chosen
     # preset takes a plain override: clamp=layer0 clamps.layer0.gradient=stop
     cs.store(name="clamp_spec", node=ClampConfig)
-    for name, (cfg_cls, _) in TASKS.items():
-        cs.store(group="task", name=f"{name}_schema", node=cfg_cls)
+    # each task's schema (task/NAME_schema) is stored when the task is registered (lab.plugins.register_task)
 
 
 _register()
 
 
-def config_dir() -> Path:
-    """``configs/`` of the checkout (or $LAB_CONFIG_DIR)."""
-    env = os.environ.get("LAB_CONFIG_DIR")
-    if env:
-        return Path(env).absolute()
-    return Path(__file__).resolve().parent.parent / "configs"
+config_dir = plugins.config_dir  # the lab's configs/ (plug-ins' folders follow it on the search path)
 
 
 def one_line(e: Exception) -> str:
@@ -120,7 +120,13 @@ def one_line(e: Exception) -> str:
 def _check_overrides(overrides) -> None:
     """Name the choices when a config group override picks an option that does not exist, and the
     fields when an override names a field that does not exist."""
-    groups = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in config_dir().iterdir() if p.is_dir()}
+    groups: dict[str, set[str]] = {}
+    for d in plugins.all_config_dirs():
+        for p in d.iterdir():
+            if p.is_dir():
+                groups.setdefault(p.name, set()).update(f.stem for f in p.glob("*.yaml"))
+    groups.setdefault("task", set()).update(plugins.tasks.names())  # a task with no YAML: its dataclass
+    groups = {k: sorted(v) for k, v in groups.items()}
     for ov in overrides:
         key, sep, value = ov.lstrip("+~").partition("=")
         if not sep or key not in groups:
@@ -146,7 +152,7 @@ def hydra_message(msg: str) -> str:
         schemas = (Config, RunConfig, ClampConfig, MeasuresConfig, CadenceConfig, ModelConfig, OptimConfig,
                    TrainerConfig, CheckpointConfig, TrackingConfig, WandbConfig)
         classes = {c.__name__: c for c in schemas}
-        classes.update({c.__name__: c for c, _ in TASKS.values()})
+        classes.update({e.config.__name__: e.config for e in plugins.tasks.values()})
         cls = classes.get(cls_name)
         allowed = f"; fields: {', '.join(f.name for f in fields(cls))}" if cls else ""
         return f"{full}: unknown field{allowed}"
@@ -158,13 +164,30 @@ def hydra_message(msg: str) -> str:
     return msg
 
 
+def _chosen(overrides, group: str) -> bool:
+    return any(o.lstrip("+~").partition("=")[0] == group for o in overrides)
+
+
+def search_path_overrides(overrides) -> list[str]:
+    """The overrides as Hydra composes them: a task chosen without an experiment trains with the lab's
+    default model, optimiser and trainer (``experiment=none``), not the demo's settings, which are made for
+    the demo's task; plug-ins' config folders go on the search path."""
+    out = list(overrides)
+    if _chosen(out, "task") and not _chosen(out, "experiment"):
+        out = ["experiment=none", *out]
+    extra = plugins.all_config_dirs()[1:]
+    if extra:
+        out.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
+    return out
+
+
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The composed config as an OmegaConf node (schemas checked, values not yet)."""
     _check_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="lab"):
-            cfg = hydra.compose(config_name="config", overrides=list(overrides))
+            cfg = hydra.compose(config_name="config", overrides=search_path_overrides(overrides))
     except Exception as e:  # hydra and omegaconf raise several types; all are bad input here
         raise LabError(hydra_message(one_line(e))) from e
     finally:
@@ -254,9 +277,7 @@ def from_yaml(path: str | Path) -> tuple[Config, DictConfig]:
                 raw[section].pop(key)
         schema = OmegaConf.structured(Config)
         name = raw.get("task", {}).get("name")
-        if name not in TASKS:
-            raise LabError(f"task.name={name!r}: one of {', '.join(TASKS)}")
-        schema.task = OmegaConf.structured(TASKS[name][0])
+        schema.task = OmegaConf.structured(plugins.tasks[name].config)
         node = OmegaConf.merge(schema, raw)
     except LabError:
         raise

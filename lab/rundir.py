@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from lab import plugins
 from lab.checkpoint import Checkpointer, CheckpointReadError
 from lab.config import compose, from_yaml, to_config
 from lab.errors import LabError
@@ -106,7 +107,8 @@ def unlock(run_dir: Path) -> None:
 
 def create(run_dir: Path, node: DictConfig, overrides: list[str] | None, extra: dict | None = None) -> None:
     """Create and lock ``run_dir`` and write its ``config.yaml`` and ``overrides.json`` (``extra``: provenance
-    such as ``parent`` or ``batch``, recorded beside the overrides)."""
+    such as ``parent`` or ``batch``, recorded beside the overrides; the packages of the plug-ins the run uses
+    are recorded there too, as ``plugins``)."""
     check_writable(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,14 +116,21 @@ def create(run_dir: Path, node: DictConfig, overrides: list[str] | None, extra: 
         raise LabError(f"run.dir={run_dir}: cannot be created ({e.strerror})") from e
     lock(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(node, resolve=True))
-    (run_dir / "overrides.json").write_text(json.dumps({"overrides": list(overrides or []), **(extra or {})}))
+    used = plugins.used_by(to_config(node, validate=False))
+    (run_dir / "overrides.json").write_text(json.dumps({"overrides": list(overrides or []), **(extra or {}),
+                                                        **({"plugins": used} if used else {})}))
 
 
 # ---- reading -------------------------------------------------------------------------------------
 def check_run_dir(run_dir: str | Path) -> Path:
+    """The run directory, refused in one line if it is not one, or if it was trained with plug-ins this
+    environment lacks (naming their packages)."""
     path = Path(run_dir)
     if not (path / "config.yaml").is_file() or not (path / "checkpoints").is_dir():
         raise LabError(f"run_dir={run_dir}: not a run directory (needs config.yaml and checkpoints/)")
+    lacking = plugins.missing(provenance(path).get("plugins", {}))
+    if lacking:
+        raise LabError(f"run_dir={run_dir}: {lacking}")
     return path
 
 
@@ -168,12 +177,14 @@ def restore_state(trainer, run_dir: Path, step: int) -> TrainState:
     other settings, a replay): a run whose clamps freeze activations gets its saved snapshots, or, forked from
     a parent without them, snapshots of the restored parameters."""
     like = trainer.init_run_state().saved()  # what a checkpoint of this run holds
-    base = {k: like[k] for k in ("params", "opt_state", "step", "key")}
-    if "frozen" in like:  # a run with frozen clamps saved its snapshots too
+    base = {k: like[k] for k in TrainState.fields("saved")}
+    if len(like) > len(base):  # the run holds saved_if_any fields too (a frozen clamp's snapshots)
         try:
             return TrainState.from_saved(restore(run_dir, step, like))
         except CheckpointReadError:
-            pass  # a parent without them: the snapshots start from the restored parameters
+            if set(like) - set(base) != {"frozen"}:
+                raise
+            # a parent without snapshots: they start from the restored parameters (below)
     try:
         got = restore(run_dir, step, base)
     except CheckpointReadError as e:

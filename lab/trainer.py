@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lab import kernels
+from lab import kernels, plugins
 from lab.clamp import ClampSet
 from lab.errors import LabError, check
 from lab.hooks import NO_HOOKS, Hooks
@@ -36,7 +36,7 @@ from lab.model import Transformer, build_model
 from lab.optim import make_optimizer
 from lab.rundir import reference_params
 from lab.state import TrainState
-from lab.tasks import TASKS, make_task
+from lab.tasks import make_task
 
 GiB = 1024 ** 3
 
@@ -133,9 +133,11 @@ def run_steps(parts: Parts, state: TrainState, n):
     return state, jax.tree_util.tree_map(lambda b: jnp.moveaxis(b, 0, -1), bufs)
 
 
-def evaluate(parts: Parts, params, batch, step=0, frozen=None, clamps: ClampSet | None = None, gates=None) -> dict:
-    """The task's metrics of one run on an evaluation ``batch``, in chunks of ``eval_batch_size`` sequences, with
-    ``clamps`` acting as at ``step`` (None: unclamped)."""
+def evaluate(parts: Parts, params, batch, step=0, frozen=None, clamps: ClampSet | None = None, gates=None,
+             metrics: Callable | None = None) -> dict:
+    """The task's metrics (or ``metrics(logits, batch)``: a registered evaluator's) of one run on an evaluation
+    ``batch``, in chunks of ``eval_batch_size`` sequences, with ``clamps`` acting as at ``step`` (None:
+    unclamped)."""
     n = batch["tokens"].shape[0]
     c = max(d for d in range(1, min(n, parts.eval_batch_size) + 1) if n % d == 0)
     chunks = jax.tree_util.tree_map(lambda a: a.reshape(n // c, c, *a.shape[1:]), batch)
@@ -150,7 +152,24 @@ def evaluate(parts: Parts, params, batch, step=0, frozen=None, clamps: ClampSet 
 
     logits = jax.lax.map(fwd, chunks)
     logits = logits.reshape(n, *logits.shape[2:])
-    return parts.task.metrics(logits, batch)
+    return (metrics or parts.task.metrics)(logits, batch)
+
+
+def evaluation_sets(task, evaluators: list[str] = ()) -> dict:
+    """The task's own evaluation sets and those of the registered ``evaluators`` (lab.plugins), by name."""
+    sets = dict(task.evals)
+    for name in evaluators:
+        if name in sets:
+            raise LabError(f"evaluators={list(evaluators)}: {name!r} is already an evaluator of task "
+                           f"{task.cfg.name}; register it under another name")
+        entry = plugins.evaluators[name]
+        batch = entry.build(task)
+        shape = tuple(getattr(batch.get("tokens") if isinstance(batch, dict) else None, "shape", ()))
+        if len(shape) != 2 or shape[1] != task.seq_len or not {"targets", "loss_mask"} <= set(batch):
+            raise LabError(f"evaluators: {name} (package {entry.package}) must build a batch with tokens [n, "
+                           f"{task.seq_len}], targets and loss_mask; its tokens are {list(shape) or 'missing'}")
+        sets[name] = batch
+    return sets
 
 
 def all_finite(params) -> jax.Array:
@@ -225,8 +244,8 @@ class Trainer:
         for c in self.cfgs:
             if dataclasses.replace(c.optim, lr=0.0) != dataclasses.replace(cfg.optim, lr=0.0):
                 raise LabError(f"optim: batched runs may differ in optim.lr only, got {c.optim} and {cfg.optim}")
-        self.task_fields = self._task_fields()  # the task fields each run holds as data in its state
         self.task = task if task is not None else make_task(cfg.task)
+        self.task_fields = self._task_fields()  # the task fields each run holds as data in its state
         self.model = model if model is not None else build_model(cfg.model, self.task, seed=cfg.seed)
         tc = cfg.trainer
 
@@ -298,7 +317,7 @@ class Trainer:
         """The task fields in which the runs differ; only the task's data fields may."""
         base = dataclasses.asdict(self.cfgs[0].task)
         differ = sorted({k for c in self.cfgs for k, v in dataclasses.asdict(c.task).items() if v != base[k]})
-        allowed = TASKS[self.cfgs[0].task.name][1].data_fields
+        allowed = self.task.data_fields
         bad = [k for k in differ if k not in allowed]
         if bad:
             raise LabError(f"task.{bad[0]}: batched runs may differ only in the task's data fields "
@@ -308,14 +327,14 @@ class Trainer:
     def _evaluation_sets(self) -> dict:
         """The task's evaluation sets; runs whose tasks differ in data fields may differ in them too (an
         evaluator on the training mixture): those are stacked per run (a leading run axis), the others shared."""
-        evals = dict(self.task.evals)
+        evals = evaluation_sets(self.task, self.cfg.evaluators)
         if not self.task_fields:
             return evals
         built: dict[str, dict] = {}  # one task (and its compiled samplers) per distinct task config, not per run
         for c in self.cfgs:
             key = repr(dataclasses.asdict(c.task))
             if key not in built:
-                built[key] = make_task(c.task).evals
+                built[key] = evaluation_sets(make_task(c.task), self.cfg.evaluators)
         per_run = [built[repr(dataclasses.asdict(c.task))] for c in self.cfgs]
         for name in list(evals):
             leaves = [jax.tree_util.tree_leaves(e[name]) for e in per_run]
@@ -367,7 +386,7 @@ class Trainer:
 
     def run_state(self, state: TrainState, i: int) -> TrainState:
         """Run i's state, as a run trained alone would hold it (what its checkpoints store)."""
-        one = state.run(i).replace(lr=None, task=None, gates=None)
+        one = state.run(i).own()
         if self.gated and one.frozen is not None:  # back to the run's own clamp names
             suffix = f"@{self.cond_of[i]}"
             own = {n[: -len(suffix)]: v for n, v in one.frozen.items() if n.endswith(suffix)}
@@ -414,13 +433,18 @@ class Trainer:
             views.append(("@unclamped", None))
         return views + [(f"@{name}", cs) for name, cs in self.probe_clamps.items()]
 
-    def _eval_fn(self, clamps: ClampSet | None, per_run: bool):
-        key = (id(clamps), per_run)
+    def metrics_of(self, evaluator: str) -> Callable | None:
+        """How an evaluator's logits are scored: a registered evaluator's own metrics, else the task's (None)."""
+        entry = plugins.evaluators.get(evaluator) if evaluator in self.cfg.evaluators else None
+        return entry.metrics if entry is not None else None
+
+    def _eval_fn(self, clamps: ClampSet | None, per_run: bool, metrics: Callable | None = None):
+        key = (id(clamps), per_run, id(metrics))
         if key not in self._eval_fns:
             p = self.parts
 
             def one(params, step, frozen, gates, batch):
-                return evaluate(p, params, batch, step, frozen, clamps=clamps, gates=gates)
+                return evaluate(p, params, batch, step, frozen, clamps=clamps, gates=gates, metrics=metrics)
 
             self._eval_fns[key] = OverRuns(one, self.runs, in_axes=(0, 0, 0, 0, 0 if per_run else None))
         return self._eval_fns[key]
@@ -431,7 +455,8 @@ class Trainer:
         for name, batch in self.evals.items():
             per_run = batch["tokens"].ndim == 3  # an evaluation set stacked per run (see _evaluation_sets)
             for suffix, clamps in self.views():
-                out = self._eval_fn(clamps, per_run)(state.params, state.step, state.frozen, state.gates, batch)
+                out = self._eval_fn(clamps, per_run, self.metrics_of(name))(state.params, state.step, state.frozen,
+                                                                            state.gates, batch)
                 for k, v in out.items():
                     if suffix and suffix != "@unclamped" and k != "loss":
                         continue  # probe clamps log their loss only
@@ -453,10 +478,11 @@ class Trainer:
         params = self.model.params()
         frozen = self.clamps.init_frozen(params) if self.clamps.frozen_names else None
         names = {"train/batch_loss", "train/grad_norm", "train/update_ratio", "train/loss"}
-        for name, batch in self.task.evals.items():
+        for name, batch in self.evals.items():
+            batch = jax.tree_util.tree_map(lambda a: a[0], batch) if batch["tokens"].ndim == 3 else batch
             for suffix, clamps in self.views():
-                keys = jax.eval_shape(lambda p, b, f, c=clamps: evaluate(self.parts, p, b, frozen=f, clamps=c),
-                                      params, batch, frozen)
+                keys = jax.eval_shape(lambda p, b, f, c=clamps, m=self.metrics_of(name):
+                                      evaluate(self.parts, p, b, frozen=f, clamps=c, metrics=m), params, batch, frozen)
                 names |= {f"{name}{suffix}/{k}" for k in keys if suffix in ("", "@unclamped") or k == "loss"}
         names |= set(self.measures(params))
         return sorted(names)

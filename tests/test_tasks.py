@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lab import plugins
 from lab.errors import ConfigError
 from lab.tasks import (
-    TASKS,
     BigramConfig,
     BigramTask,
     BurstyConfig,
@@ -597,7 +597,7 @@ def test_validate_rejects(cls, field, value):
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     assert e.value.field == f"task.{field}" and f"task.{field}" in str(e.value)
-    task_cls = TASKS[cfg.name][1]
+    task_cls = plugins.tasks[cfg.name].task
     with pytest.raises(ConfigError):
         task_cls(cfg)
 
@@ -613,8 +613,8 @@ def test_validate_rejects_combinations():
         with pytest.raises(ConfigError) as e:
             cfg.validate()
         assert e.value.field == field
-    for cls, _ in TASKS.values():
-        cls().validate()  # defaults are valid
+    for entry in plugins.tasks.values():
+        entry.config().validate()  # defaults are valid
 
 
 def test_make_task():
@@ -630,9 +630,27 @@ def test_make_task():
     with pytest.raises(ConfigError) as e:
         make_task({"name": "repeat", "colour": 3})
     assert e.value.field == "task.colour"
-    assert set(TASKS) == {"bursty", "fewshot", "bigram", "markov", "repeat"}
-    for name, (cfg_cls, _) in TASKS.items():
-        assert cfg_cls().name == name
+    for name, entry in plugins.tasks.items():
+        assert entry.config().name == name
+
+
+def test_every_task_class_of_the_lab_is_registered():
+    """A task written in lab/tasks/ is a task of the registry (with its config), found by walking the package,
+    not by a list in this test."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import lab.tasks
+    from lab.tasks.base import Task
+
+    defined = set()
+    for mod in pkgutil.iter_modules(lab.tasks.__path__):
+        m = importlib.import_module(f"lab.tasks.{mod.name}")
+        defined |= {c for _, c in inspect.getmembers(m, inspect.isclass)
+                    if issubclass(c, Task) and c is not Task and c.__module__ == m.__name__}
+    registered = {e.task for e in plugins.tasks.values() if e.package == "lab"}
+    assert defined and defined == registered
 
 
 def test_label_sets_permuted_once():
@@ -673,7 +691,8 @@ DATA_POINTS = {  # a task, and values of its data fields that differ from its co
 def test_data_fields_as_batched_data_sample_what_a_solo_task_samples():
     """A batched run's data fields (``run_data``, vmapped and traced) give the batch a task built with those
     values samples alone: the same classes, labels and tokens; items to float rounding."""
-    assert {n for n, (_, c) in TASKS.items() if c.data_fields} == set(DATA_POINTS) - {"repeat_random"}
+    lab_tasks = {n for n, e in plugins.tasks.items() if e.task.data_fields and e.package == "lab"}
+    assert lab_tasks == set(DATA_POINTS) - {"repeat_random"}
     fns, solos = {}, {}
     for name, (cfg, points) in DATA_POINTS.items():
         base = make_task(cfg)

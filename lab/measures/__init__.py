@@ -1,9 +1,12 @@
-"""Progress measures (docs/science.md §2): a registry of functions of (params, cache, batch), logged by name.
+"""Progress measures (docs/science.md §2), logged by name.
 
 Attention measures run inside one jitted program on a fixed probe batch and log one value per
 head as ``<measure>/L{l}H{h}``; weight measures (copying, composition, parameter norms) run on
-the host from the parameters. ``measures.names`` picks them per experiment; ``auto`` gives each
-task its sensible set. The trainer, replay and notebooks call the same functions.
+the host from the parameters; registered measures (lab.plugins.register_measure: a user's own)
+are functions of (params, model, task), jitted unless registered with ``jit=False``. ``measures.names``
+picks them per experiment; ``auto`` gives each task its sensible set (plus the task's
+``auto_measures`` and measures registered with ``auto=True``). The trainer, replay and notebooks call
+the same functions.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lab import plugins
 from lab.errors import check
 from lab.measures import attention as att
 from lab.measures import circuits
 from lab.measures.llc import SAMPLERS, LLCSettings, default_nbeta, estimate
 from lab.tasks.base import vmap_sequences
-from lab.tasks.repeat import copy_layout, length_table
+from lab.tasks.layouts import copy_layout, length_table
 
 # name -> (function of (pattern, batch, task) -> [head], needs token inputs, needs a classification task)
 ATTENTION = {
@@ -58,8 +62,8 @@ class MeasuresConfig:
 
     def validate(self) -> None:
         for n in self.names:
-            check(n in ALL or n in ("auto", "none"), "measures.names", list(self.names),
-                  f"each one of auto, none, {', '.join(ALL)}")
+            check(n in ALL or n in ("auto", "none") or n in plugins.measures, "measures.names", list(self.names),
+                  f"each one of auto, none, {', '.join((*ALL, *plugins.measures.names()))}")
         check(self.probe_size >= 1, "measures.probe_size", self.probe_size, "must be >= 1")
         check(self.llc_sampler in SAMPLERS, "measures.llc_sampler", self.llc_sampler, f"one of {', '.join(SAMPLERS)}")
         check(self.llc_chains >= 1, "measures.llc_chains", self.llc_chains, "must be >= 1")
@@ -89,9 +93,9 @@ def resolve_names(cfg: MeasuresConfig, task) -> list[str]:
             auto += ["induction_strength", "ila", "tila", "tla"]
         if not task.feature_dim:
             auto += ["prefix_matching", "copying"]
-        if task.cfg.name == "bigram":
-            auto.append("memory_recall")
+        auto += list(task.auto_measures)
         auto.append("composition")
+        auto += [m.name for m in plugins.measures.values() if m.auto]
         names = [n for n in names if n != "auto"] + [n for n in auto if n not in names]
     usable = []
     for n in names:
@@ -149,6 +153,15 @@ class Measures:
                         "llc/finite_chains": jnp.sum(jnp.all(jnp.isfinite(r["loss"]), axis=1))}
 
             self.llc_fn = jax.jit(llc)
+        # registered measures: each its own function of the parameters (jitted unless registered jit=False)
+        self.plugin_fns = {}
+        for name in self.names:
+            m = plugins.measures.get(name) if name not in ALL else None
+            if m is not None:
+                def fn(p, f=m.fn):
+                    return f(p, model, task)
+
+                self.plugin_fns[name] = (jax.jit(fn) if m.jit else fn, m.per_head)
 
     def _attention(self, params, probe, token_probe):
         L = self.model.cfg.n_layers
@@ -174,6 +187,8 @@ class Measures:
         if any(n in WEIGHTS for n in self.names):
             with np.errstate(over="ignore", invalid="ignore"):  # weights on their way to diverging: inf, not noise
                 row.update(self._weight_measures(jax.device_get(params)))
+        for name, (fn, per_head) in self.plugin_fns.items():
+            row.update(measure_row(name, jax.device_get(fn(params)), per_head, self.model.cfg))
         return row
 
     def _weight_measures(self, host) -> dict[str, float]:
@@ -186,13 +201,26 @@ class Measures:
         if "param_norm" in self.names:
             row.update(circuits.param_norms(host))
         if "memory_recall" in self.names:
-            cfg = self.task.cfg  # the authors' wk1 runs over the fixed triggers when they are fixed
-            trig = self.task.frequent_triggers if getattr(cfg, "trigger_mode", None) == "frequent" else None
+            tables = self.task.memory_tables()  # the authors' wk1 runs over the fixed triggers when they are fixed
+            trig = tables.get("triggers")
             # ff1 (a feed-forward layer in block 1): the bigram memory, over every token but the fixed triggers
-            ff1 = None if trig is None else np.setdiff1d(np.arange(self.task.n_outputs), np.asarray(trig))
-            bigram = getattr(self.task, "pi_b", None)  # only the bigram task has a bigram law for ff1
-            row.update(circuits.memory_recall(host, self.model.consts, self.task.n_outputs,
-                                              triggers=None if trig is None else np.asarray(trig),
-                                              bigram=None if bigram is None else np.asarray(bigram), ff1_tokens=ff1,
+            ff1 = None if trig is None else np.setdiff1d(np.arange(self.task.n_outputs), trig)
+            row.update(circuits.memory_recall(host, self.model.consts, self.task.n_outputs, triggers=trig,
+                                              bigram=tables.get("bigram"), ff1_tokens=ff1,
                                               act_fn=self.model.cfg.act_fn))
         return row
+
+
+def measure_row(name: str, value, per_head: bool, model_cfg) -> dict[str, float]:
+    """A registered measure's value as logged entries: a number as ``name``, a dict as ``name/key``, a
+    [n_layers, n_heads] array (``per_head``) as ``name/L{l}H{h}``; anything else is refused in one line."""
+    if isinstance(value, dict):
+        return {f"{name}/{k}": float(v) for k, v in value.items()}
+    arr = np.asarray(value, np.float64)
+    if per_head:
+        want = (model_cfg.n_layers, model_cfg.n_heads)
+        check(arr.shape == want, f"measure {name}", list(arr.shape), f"a per-head measure returns shape {list(want)}")
+        return {f"{name}/L{l}H{h}": float(arr[l, h]) for l in range(want[0]) for h in range(want[1])}
+    check(arr.ndim == 0, f"measure {name}", list(arr.shape),
+          "a number, a dict of numbers, or (registered per_head=True) an [n_layers, n_heads] array")
+    return {name: float(arr)}

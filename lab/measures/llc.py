@@ -67,8 +67,8 @@ def map_chains(f, xs):
     once on an accelerator, one at a time on the CPU. On the CPU a vmapped chain is slower than a looped one and
     holds every chain's activations at once: the demo model's SGLD step took 10.1-11.5 ms per chain vmapped over 16
     checkpoints x 4 chains and 7.6-8.9 ms looped, in 810 and 16 MiB of XLA's temporary memory (2-core CPU,
-    interleaved, 3 rounds; a one-off measurement, session 10): batched small matmuls run below the speed of single ones. An accelerator has the width
-    to spare."""
+    interleaved, 3 rounds; a one-off measurement): batched small matmuls run below the speed of single ones. An
+    accelerator has the width to spare."""
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
     return jax.lax.map(f, xs, batch_size=n if jax.default_backend() != "cpu" else 1)
 

@@ -1,4 +1,5 @@
-"""The synthetic tasks, by name. ``make_task(cfg)`` builds one from its config."""
+"""The tasks, by name: the lab's own are registered here as any plug-in's are (lab/plugins.py);
+``make_task(cfg)`` builds the registered task ``cfg.name`` from its config."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from lab import plugins
 from lab.errors import ConfigError
 from lab.tasks.base import Batch, Task, TaskConfig
 from lab.tasks.bigram import BigramConfig, BigramTask
@@ -15,13 +17,9 @@ from lab.tasks.fewshot import FewshotConfig, FewshotTask
 from lab.tasks.markov import MarkovConfig, MarkovTask
 from lab.tasks.repeat import RepeatConfig, RepeatTask
 
-TASKS: dict[str, tuple[type[TaskConfig], type[Task]]] = {
-    "bursty": (BurstyConfig, BurstyTask),
-    "fewshot": (FewshotConfig, FewshotTask),
-    "bigram": (BigramConfig, BigramTask),
-    "markov": (MarkovConfig, MarkovTask),
-    "repeat": (RepeatConfig, RepeatTask),
-}
+for _cfg, _task in ((BurstyConfig, BurstyTask), (FewshotConfig, FewshotTask), (BigramConfig, BigramTask),
+                    (MarkovConfig, MarkovTask), (RepeatConfig, RepeatTask)):
+    plugins.register_task(_cfg.name, _cfg, _task)
 
 
 def _to_plain(cfg):
@@ -35,9 +33,10 @@ def make_task(cfg) -> Task:
     """The task named ``cfg.name``, built from ``cfg`` (its config dataclass, a mapping or a DictConfig)."""
     cfg = _to_plain(cfg)
     name = cfg.get("name") if isinstance(cfg, Mapping) else getattr(cfg, "name", None)
-    if name not in TASKS:
-        raise ConfigError("task.name", name, "one of " + ", ".join(TASKS))
-    config_cls, task_cls = TASKS[name]
+    entry = plugins.tasks.get(name)
+    if entry is None:
+        raise ConfigError("task.name", name, "one of " + ", ".join(plugins.tasks.names()))
+    config_cls, task_cls = entry.config, entry.task
     if not isinstance(cfg, config_cls):
         values = dict(cfg) if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
         fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -51,7 +50,6 @@ def make_task(cfg) -> Task:
 
 
 __all__ = [
-    "TASKS",
     "make_task",
     "Batch",
     "Task",

@@ -45,6 +45,10 @@ class TaskConfig:
     eval_size: int = 1000  # sequences per evaluation set
     eval_seed: int = 12345  # evaluation sets are a pure function of this
 
+    def validate(self) -> None:
+        """Check every value (a task's config extends this with its own fields)."""
+        check_common(self)
+
 
 class Task:
     """Base class. Subclasses set the attributes below and implement ``sample``/``build_evals``."""
@@ -77,6 +81,13 @@ class Task:
         return None
     # Whether `loss_mask` selects a handful of query positions (classification) or many tokens.
     classification: bool = False
+    # Measures that ``measures.names=[auto]`` adds for this task (e.g. the bigram task's memory_recall).
+    auto_measures: tuple[str, ...] = ()
+
+    def memory_tables(self) -> dict:
+        """What Bietti's associative-memory probes (the ``memory_recall`` measure) read from the task: the fixed
+        ``triggers`` (ids) where the task has them, and the ``bigram`` law [V, V] that ff1 stores; {} if none."""
+        return {}
 
     # Config fields the training sampler can take as traced numbers (``sample(..., data={field: x})``),
     # so batched runs that differ only in them train as one program (``task_values``, lab.batch).

@@ -170,6 +170,7 @@ class BigramTask(Task):
     watch_metric = "test/icl_loss"
     # the circuit summary: the output token after a repeated trigger is predictable from context alone
     mechanism_metric = "test/icl_loss"
+    auto_measures = ("memory_recall",)
     mechanism_min_effect = 0.5
 
     def circuit_positions(self, batch):
@@ -207,6 +208,14 @@ class BigramTask(Task):
         self.seq_len = cfg.seq_len
         self.vocab_size = V
         self.n_outputs = V
+
+    def memory_tables(self) -> dict:
+        """The bigram law ff1 stores, and the fixed triggers when they are fixed (the authors' wk1 runs over
+        those)."""
+        out = {"bigram": np.asarray(self.pi_b)}
+        if self.cfg.trigger_mode == "frequent":
+            out["triggers"] = np.asarray(self.frequent_triggers)
+        return out
 
     def _draws(self) -> dict[str, tuple[int, ...]]:
         V, n = self.vocab_size, self.cfg.n_triggers
