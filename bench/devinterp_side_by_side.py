@@ -71,7 +71,7 @@ def lab_llc(trainer, stacked, ids: np.ndarray, s: LLCSettings, batch_size: int, 
         x = data[jax.random.randint(k, (batch_size,), 0, data.shape[0])]
         return {"tokens": x[:, :-1], "targets": x[:, 1:], "loss_mask": jnp.ones(x[:, 1:].shape, jnp.float32)}
 
-    fn = jax.jit(lambda P, K: map_chains(lambda a: estimate(trainer.loss, a[0], sample, a[1], s), (P, K)))
+    fn = jax.jit(lambda P, K: map_chains(lambda a: estimate(trainer.program.loss, a[0], sample, a[1], s), (P, K)))
     n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
     keys = jax.random.split(jax.random.PRNGKey(seed), n)
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def export(out: Path, trainer, steps, stacked, ids: np.ndarray, s: LLCSettings, 
     arrays = {"input_ids": ids, "probe": ids[:8, :-1]}
     x = jnp.asarray(ids[:8])
     probe = {"tokens": x[:, :-1], "targets": x[:, 1:], "loss_mask": jnp.ones(x[:, 1:].shape, jnp.float32)}
-    grad = jax.jit(jax.grad(trainer.loss))
+    grad = jax.jit(jax.grad(trainer.program.loss))
     for j, step in enumerate(steps):
         params = jax.tree_util.tree_map(lambda x, j=j: x[j], stacked)
         arrays[f"probe_logits.{step}"] = np.asarray(trainer.model.apply(params, probe), np.float32)

@@ -67,7 +67,7 @@ def forward(cfg, consts, params, batch):
 
 
 def make_step(trainer):
-    """(init state, jitted step) of the minimal loop for a lab Trainer's model, task, batch and optimiser."""
+    """(init state, jitted step) of the minimal loop for a lab Runs's model, task, batch and optimiser."""
     cfg, model, task = trainer.cfg, trainer.model, trainer.task
     oc = cfg.optim
     opt = optax.adam(oc.lr) if oc.name in ("adam", "adamw") else optax.sgd(oc.lr, momentum=oc.momentum or None)

@@ -39,7 +39,7 @@ from lab.clamp import ClampConfig
 from lab.config import load_config
 from lab.errors import LabError
 from lab.loop import Sink, drive
-from lab.trainer import Trainer
+from lab.runs import Runs
 
 # the clamp and logging sections measure the demo task on the model they always have (2 layers x 2 heads, learned
 # positions), so their ratios stay comparable across sessions; the demo itself now has 1 head and Shortformer positions
@@ -47,16 +47,17 @@ BASE = ["experiment=demo", "model.n_heads=2", "model.positions=learned", "traine
         "tracking.wandb.mode=disabled", "trainer.progress=false", "trainer.steps_per_call=50"]
 
 
-def steady(tr: Trainer, seconds: float = 3.0, state=None):
+def steady(tr: Runs, seconds: float = 3.0, state=None):
     """Steps per second of the fused training step (compiled beforehand), and the state to go on from."""
     st = state if state is not None else tr.init_state()
-    st, _ = tr.scan_fn(st)
+    loop = tr.program if isinstance(tr, Runs) else tr  # a lab program, or the minimal loop (same interface)
+    st, _ = loop.scan_fn(st)
     jax.block_until_ready(st)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        st, _ = tr.scan_fn(st)
+        st, _ = loop.scan_fn(st)
         jax.block_until_ready(st)  # dispatch is asynchronous: without this the clock only sees the queueing
-        n += tr.parts.chunk if isinstance(tr, Trainer) else tr.chunk
+        n += loop.parts.chunk if isinstance(tr, Runs) else tr.chunk
     return n / (time.perf_counter() - t0), st
 
 
@@ -76,7 +77,7 @@ def interleaved(trainers: dict, seconds: float, rounds: int = 5) -> dict[str, fl
 def trainer(clamps=None, extra=()):
     cfg, _ = load_config(BASE + list(extra))
     cfg.clamps = clamps or {}
-    return Trainer(cfg)
+    return Runs(cfg)
 
 
 def bench_clamps(seconds: float) -> dict:
@@ -107,7 +108,7 @@ def bench_clamps(seconds: float) -> dict:
     return out
 
 
-def fit(tr: Trainer):
+def fit(tr: Runs):
     """A whole run of ``tr`` from step 0, through the lab's host loop, its rows kept nowhere."""
     return drive(tr, tr.init_state(), [Sink(tr.cfg.cadence)])
 
@@ -165,7 +166,7 @@ def bench_peak(reps: int = 7) -> float:
 
 def step_flops(tr, state) -> float:
     """XLA's FLOP count of one training step of tr (the single-step program)."""
-    ca = tr.step_fn.lower(state).compile().cost_analysis()
+    ca = tr.program.step_fn.lower(state).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca
     return float(ca.get("flops", 0.0))
 
@@ -193,9 +194,9 @@ def bench_models(seconds: float, peak: float) -> dict:
     out = {}
     for exp in MODELS:
         cfg, _ = load_config(exp_args(exp))
-        tr = Trainer(cfg)
+        tr = Runs(cfg)
         flops = step_flops(tr, tr.init_state())
-        minimal = MinimalLoop(*make_step(tr), tr.parts.chunk)
+        minimal = MinimalLoop(*make_step(tr), tr.program.parts.chunk)
         sps = interleaved({"lab": tr, "minimal": minimal}, 2 * seconds)
         tokens = cfg.trainer.batch_size * tr.task.seq_len
         r = {"steps_per_sec": sps["lab"], "tokens_per_sec": sps["lab"] * tokens, "flops_per_step": flops,
@@ -216,7 +217,7 @@ def bench_transformerlens(seconds: float) -> dict:
         print("  skipped: no TransformerLens environment (make bench-tl-env)", file=sys.stderr)
         return {"skipped": "no .venv-tl (make bench-tl-env)"}
     cfg, _ = load_config(exp_args("olsson_repeat"))
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     before, state = steady(tr, seconds)
     p = subprocess.run([str(py), str(ROOT / "bench" / "tl_loop.py"), str(2 * seconds)], capture_output=True, text=True)
     if p.returncode != 0:
@@ -238,13 +239,13 @@ def bench_vmapped(seconds: float, peak: float, exp: str, counts, chunk: int) -> 
     for n in counts:
         cfgs = [load_config([*exp_args(exp), f"seed={s}", f"trainer.steps_per_call={chunk}"])[0]
                 for s in range(n)]
-        bt = Trainer(cfgs)
+        bt = Runs(cfgs)
         state = bt.init_state()
         mem = bt.check_memory(state)
         sps, _ = steady(bt, seconds, state)
         if one is None:
             one = sps
-            solo = Trainer(cfgs[0])
+            solo = Runs(cfgs[0])
             flops = step_flops(solo, solo.init_state())
         r = {"runs": n, "runs_steps_per_sec": n * sps, "speedup_vs_one": n * sps / one,
              "xla_memory_gib": mem["bytes"] / 2 ** 30, "mfu": n * sps * flops / (peak * 1e9)}

@@ -27,9 +27,9 @@ from lab.errors import LabError
 from lab.replay import fork_run, replay_run
 from lab.run import train_run
 from lab.rundir import check_run_dir, complete_steps, load_run_config, restore_state
+from lab.runs import Runs
 from lab.state import TrainState
 from lab.tracking import read_metrics
-from lab.trainer import Trainer
 
 __all__ = ["Run", "compare", "load", "train"]
 
@@ -77,9 +77,9 @@ class Run:
 
     # ---- looking inside ----------------------------------------------------------------------
     @cached_property
-    def trainer(self) -> Trainer:
+    def trainer(self) -> Runs:
         """The run's task, model and clamps, built from its config (no training happens)."""
-        return Trainer(self.config)
+        return Runs(self.config)
 
     def _step(self, step: int | None) -> int:
         have = self.steps

@@ -4,7 +4,7 @@ The models are tiny, so one run leaves most of a machine idle. ``trainer.seeds=[
 ``trainer.num_seeds=N``), ``conditions=[none,prev_token,...]`` (clamp presets), ``optim.lrs=[1e-4,3e-4]``
 and ``+task_values.p_C=[0,0.8]`` (a task's data fields) expand into one run per (condition, task values,
 learning rate, seed). They share every shape, so they train as one jitted, vmapped program: lab.trainer's
-``Trainer`` of R runs, the very code that trains a single run (R = 1):
+``Runs`` of R runs (lab/runs.py), the very code that trains a single run (R = 1):
 
 - each run's state is stacked on a leading axis (parameters from its own seed, its own data key);
 - the clamps of all conditions form one clamp set, and each run switches on only its own through
@@ -37,7 +37,8 @@ from lab import rundir
 from lab.config import load_config
 from lab.errors import LabError
 from lab.run import RunSink, execute
-from lab.trainer import GiB, Trainer
+from lab.runs import Runs
+from lab.trainer import GiB
 
 
 def seeds_of(cfg) -> list[int]:
@@ -104,7 +105,7 @@ def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False
         root = Path(cfg.run.dir)
         for r in runs:
             rundir.check_empty(root / f"{name}-s{r['seed']}")
-    bt = Trainer([r["cfg"] for r in runs])
+    bt = Runs([r["cfg"] for r in runs])
     state = bt.init_state()
     limit = cfg.trainer.memory_limit_gb * GiB if cfg.trainer.memory_limit_gb is not None else None
     mem = bt.check_memory(state, limit)

@@ -188,7 +188,6 @@ def _llc(args) -> int:
     from lab.devinterp import llc_over_checkpoints
     from lab.errors import LabError, check
     from lab.measures import llc_settings
-    from lab.measures.llc import SAMPLERS
     from lab.rundir import check_run_dir
 
     cfg, _ = from_yaml(check_run_dir(args.run_dir) / "config.yaml")
@@ -198,15 +197,9 @@ def _llc(args) -> int:
     given = {"sampler": args.sampler, "chains": args.chains, "steps": args.chain_steps, "burn_in": args.burn_in,
              "eps": args.eps, "gamma": args.gamma, "nbeta": args.nbeta}
     s = dataclasses.replace(s, **{k: v for k, v in given.items() if v is not None})
-    check(s.sampler in SAMPLERS, "--sampler", s.sampler, f"one of {', '.join(SAMPLERS)}")
-    check(s.chains >= 1, "--chains", s.chains, "must be >= 1")
     if args.chain_steps is not None and args.burn_in is None:  # the run's burn-in: a quarter of the new length
         s = dataclasses.replace(s, burn_in=s.steps // 4)
-    check(s.steps >= 4, "--chain-steps", s.steps, "must be >= 4")
-    check(0 <= s.burn_in < s.steps, "--burn-in", s.burn_in, f"must be in [0, --chain-steps={s.steps})")
-    for name in ("eps", "nbeta"):
-        check(getattr(s, name) > 0, f"--{name}", getattr(s, name), "must be > 0")
-    check(s.gamma >= 0, "--gamma", s.gamma, "must be >= 0")
+    s.validate({k: "--" + k.replace("_", "-") for k in given} | {"steps": "--chain-steps"})
     steps = None
     if args.steps:
         try:

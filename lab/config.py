@@ -20,12 +20,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lab import plugins
+from lab.cadence import CadenceConfig
 from lab.checkpoint import CheckpointConfig
 from lab.clamp import ClampConfig
 from lab.errors import LabError, check
 from lab.loop import TrainerConfig
 from lab.measures import MeasuresConfig
-from lab.measures.cadence import CadenceConfig
 from lab.model import ModelConfig
 from lab.optim import OptimConfig
 from lab.tasks import make_task  # noqa: F401  (registers the lab's tasks)

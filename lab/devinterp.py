@@ -60,7 +60,7 @@ def run_transitions(run_dir: Path) -> list[dict]:
 
 def load_checkpoints(run_dir: Path, steps: list[int] | None = None):
     """(trainer, steps, parameters of every checkpoint stacked on a leading axis)."""
-    from lab.trainer import Trainer
+    from lab.runs import Runs
 
     cfg, _ = from_yaml(run_dir / "config.yaml")  # the run's own resolved config, whatever configs/ says now
     have = complete_steps(run_dir)
@@ -68,7 +68,7 @@ def load_checkpoints(run_dir: Path, steps: list[int] | None = None):
     missing = [s for s in want if s not in have]
     if not want or missing:
         raise LabError(f"--steps={missing or want}: no complete checkpoint there in {run_dir}; have {have}")
-    trainer = Trainer(cfg)
+    trainer = Runs(cfg)
     params = [restore_state(trainer, run_dir, s).params for s in want]
     return trainer, list(want), jax.tree_util.tree_map(lambda *x: jnp.stack(x), *params)
 
@@ -131,7 +131,7 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
                                        file=sys.stderr)
     for i, r in enumerate(todo):
         run = jax.jit(lambda P, K, m=masks[r]: map_chains(
-            lambda a: estimate(trainer.loss, a[0], sample, a[1], s, trainable=m), (P, K)))
+            lambda a: estimate(trainer.program.loss, a[0], sample, a[1], s, trainable=m), (P, K)))
         keys = jax.random.split(jax.random.PRNGKey(seed + i), len(steps))
         res = jax.device_get(run(stacked, keys))
         traces[r] = s.nbeta * (np.asarray(res["loss"]) - np.asarray(res["ref"]))
@@ -332,7 +332,7 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     sample = lambda k: trainer.task.sample(k, b)  # noqa: E731
 
     def cell(e, nb, g, k):  # ε, nβ and γ are traced: the whole grid is one program
-        return estimate(trainer.loss, p, sample, k, dataclasses.replace(s, eps=e, nbeta=nb, gamma=g),
+        return estimate(trainer.program.loss, p, sample, k, dataclasses.replace(s, eps=e, nbeta=nb, gamma=g),
                         trainable=trainable)
 
     e_arr, nb_arr, g_arr = (jnp.asarray([c[i] for c in grid], jnp.float32) for i in (0, 1, 2))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from lab.cadence import AdaptiveCadence, CadenceConfig
 from lab.errors import LabError, check
-from lab.measures.cadence import AdaptiveCadence, CadenceConfig
 from lab.state import TrainState
 
 
@@ -55,6 +55,21 @@ class TrainerConfig:
                   "give trainer.seeds or trainer.num_seeds, not both")
         if self.memory_limit_gb is not None:
             check(self.memory_limit_gb > 0, "trainer.memory_limit_gb", self.memory_limit_gb, "must be > 0")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the host loop does when, for the runs of one program (lab.runs.plan_of makes it from a config):
+    train to ``total``; evaluate and log a row at each of ``evaluations``; checkpoint at each of ``checkpoints``
+    (and at a run's dense rows too when ``checkpoint_dense``); draw the attention at each of ``pictures`` that is
+    no checkpoint; a non-finite step stops the runs, or is skipped (``skip_nonfinite``)."""
+
+    total: int
+    checkpoints: frozenset[int]
+    evaluations: frozenset[int]
+    pictures: frozenset[int] = frozenset()
+    checkpoint_dense: bool = False
+    skip_nonfinite: bool = False
 
 
 class NonFiniteError(LabError):
@@ -97,29 +112,27 @@ class Sink:
         draws its attention grid."""
 
 
-def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int, dict], None] | None = None,
-          start_time: float | None = None) -> TrainState:
-    """Train the R = len(sinks) runs of ``state`` from its step to ``trainer.steps``; returns the final state.
+def drive(runs, state: TrainState, sinks: list[Sink], plan: Plan,
+          progress: Callable[[int, dict], None] | None = None, start_time: float | None = None) -> TrainState:
+    """Train the R = len(sinks) runs of ``state`` (``runs``: a lab.runs.Runs, its program and how to take a run's
+    own state out) from its step to ``plan.total``; returns the final state.
 
     ``progress(step, row)`` after each logged stop. With ``cadence.adaptive``, a run's rows (and checkpoints,
-    with ``cadence.checkpoint_dense``) come every ``cadence.dense_every`` steps while its watched metric moves."""
-    cfg = trainer.cfg
-    tc, cc = cfg.trainer, cfg.checkpoint
-    total, n_runs = tc.steps, len(sinks)
-    ckpts = set(schedule(total, cc.every, cc.log_points, include_zero=bool(cc.every or cc.log_points)))
-    pics = {s for s in cfg.tracking.attention_at if s not in ckpts} if cfg.tracking.attention_images else set()
-    evals = set(schedule(total, tc.eval_every, tc.eval_log_points)) | ckpts | pics  # a picture's step is a row
+    with ``plan.checkpoint_dense``) come every ``cadence.dense_every`` steps while its watched metric moves."""
+    program, watch = runs.program, runs.watch
+    total, n_runs = plan.total, len(sinks)
+    ckpts, pics, evals = plan.checkpoints, plan.pictures, plan.evaluations
     for sink in sinks:
         for r in sink.history:
-            sink.cadence.observe(r["step"], r.get(trainer.watch, 0.0))
-    step = trainer.current_step(state)
+            sink.cadence.observe(r["step"], r.get(watch, 0.0))
+    step = program.current_step(state)
     t0 = start_time if start_time is not None else time.perf_counter()
-    rows = RowMaker(trainer, step, n_runs)
+    rows = RowMaker(runs, step, n_runs, plan.skip_nonfinite)
 
     def log_at(step, state, due, perf):
         made = rows.make(step, state, due, perf)
         for i, row in zip(due, made, strict=True):
-            sinks[i].cadence.observe(step, row.get(trainer.watch, 0.0))
+            sinks[i].cadence.observe(step, row.get(watch, 0.0))
             sinks[i].log(row)
         if progress and made:
             progress(step, made[0])
@@ -129,7 +142,7 @@ def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int
         log_at(step, state, first, None)  # the start (a fork's first row)
     if step == 0 and (0 in ckpts or 0 in pics):
         for i, sink in enumerate(sinks):
-            (sink.save if 0 in ckpts else sink.picture)(0, trainer.run_state(state, i))
+            (sink.save if 0 in ckpts else sink.picture)(0, runs.run_state(state, i))
     planned: list[int | None] = [None] * n_runs
     last_t, last_step = time.perf_counter(), step
     while step < total:
@@ -137,7 +150,7 @@ def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int
         planned = [p if p is not None and p > step else sink.cadence.next_stop(step, nxt)
                    for p, sink in zip(planned, sinks, strict=True)]
         stop = min(planned)
-        state, outs = trainer.advance(state, stop - step)
+        state, outs = program.advance(state, stop - step)
         rows.pending.append((stop, outs))
         step = stop
         due = [i for i in range(n_runs) if planned[i] == stop]
@@ -149,10 +162,10 @@ def drive(trainer, state: TrainState, sinks: list[Sink], progress: Callable[[int
         dense = stop not in evals
         for i in due:
             planned[i] = None
-            if stop in ckpts or (dense and cfg.cadence.checkpoint_dense):
-                sinks[i].save(stop, trainer.run_state(state, i))
+            if stop in ckpts or (dense and plan.checkpoint_dense):
+                sinks[i].save(stop, runs.run_state(state, i))
             elif stop in pics:
-                sinks[i].picture(stop, trainer.run_state(state, i))
+                sinks[i].picture(stop, runs.run_state(state, i))
     return state
 
 
@@ -163,14 +176,14 @@ class RowMaker:
     """Assembles the runs' rows at a stop: the means of the per-step training outputs since each run's last row,
     the non-finite checks, the evaluators and the measures."""
 
-    def __init__(self, trainer, step: int, n_runs: int):
-        self.trainer = trainer
+    def __init__(self, runs, step: int, n_runs: int, skip_nonfinite: bool):
+        self.runs = runs
         self.last = [step] * n_runs  # the step of each run's latest row
         self.pending: list[tuple[int, list]] = []  # (end step, per-call outputs) not yet logged by every run
-        self.skip = trainer.cfg.trainer.on_nonfinite == "skip"
+        self.skip = skip_nonfinite
 
     def make(self, step: int, state: TrainState, due: list[int], perf: dict | None) -> list[dict]:
-        tr = self.trainer
+        runs, program = self.runs, self.runs.program
         rows = {i: {"step": step} for i in due}
         since: dict[int, list[int]] = {}
         for i in due:
@@ -190,19 +203,19 @@ class RowMaker:
                     raise NonFiniteError(self._nonfinite_message(per_step, i, s0, step))
         # a finite loss, gradient and update can still overflow the parameters they are added to: nothing
         # (evaluators, measures, checkpoints) reads non-finite parameters
-        finite = np.asarray(tr.finite_fn(state.params)).reshape(-1)
+        finite = np.asarray(program.finite_fn(state.params)).reshape(-1)
         for i in due:
             if not finite[i]:
-                raise NonFiniteError(f"non-finite parameters by step {step}{tr.run_label(i)}; stopping (the last "
+                raise NonFiniteError(f"non-finite parameters by step {step}{runs.run_label(i)}; stopping (the last "
                                      "good checkpoint is kept; lower optim.lr or set optim.clip_norm)")
-        evals = tr.evaluate_runs(state)
+        evals = program.evaluate_runs(state)
         out = []
         for i in due:
             row = rows[i]
             row.update(evals[i])
             if "train/loss" not in row and "train/batch_loss" in row:
                 row["train/loss"] = row["train/batch_loss"]
-            row.update(tr.measures(jax.tree_util.tree_map(lambda a, i=i: a[i], state.params)))  # run i's params
+            row.update(program.measures(jax.tree_util.tree_map(lambda a, i=i: a[i], state.params)))  # run i's
             if perf:
                 row.update(perf)
             out.append(row)
@@ -222,7 +235,7 @@ class RowMaker:
 
     def _nonfinite_message(self, per_step, i, s0, step) -> str:
         """Name the first step whose loss or gradient norm was not finite, and what was."""
-        label = self.trainer.run_label(i)
+        label = self.runs.run_label(i)
         if self.skip:
             return (f"every step from {s0} to {step - 1} was non-finite and skipped{label}; stopping "
                     "(the last good checkpoint is kept)")

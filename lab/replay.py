@@ -19,8 +19,8 @@ from lab.errors import LabError
 from lab.measures.mechanism import CircuitSummary, flat
 from lab.run import RunSink, execute
 from lab.rundir import check_run_dir, complete_steps, load_run_config, restore_state, run_overrides
+from lab.runs import Runs
 from lab.tracking import Tracker, read_metrics, wandb_id
-from lab.trainer import Trainer
 
 
 def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
@@ -33,7 +33,7 @@ def resume_run(run_dir: str | Path, quiet: bool = False) -> Path:
     last = steps[-1] if steps else 0
     if steps and last >= cfg.trainer.steps and (run_dir / "summary.json").exists():
         raise LabError(f"run_dir={run_dir}: already finished (step {last} of {cfg.trainer.steps})")
-    trainer = Trainer(cfg)
+    trainer = Runs(cfg)
     state, bad = None, []
     for s in reversed(steps):  # the newest checkpoint that reads back whole
         try:
@@ -87,7 +87,7 @@ def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str |
     node.run.dir = cfg.run.dir  # the fork's config.yaml names its own directory
     if step >= cfg.trainer.steps:
         raise LabError(f"--step={step}: must be below trainer.steps={cfg.trainer.steps} of the fork")
-    trainer = Trainer(cfg)
+    trainer = Runs(cfg)
     state = restore_state(trainer, parent, step)
     path = rundir.resolve_run_dir(cfg)
     saved = run_overrides(parent) or []
@@ -117,7 +117,7 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
     missing = [s for s in want if s not in have]
     if missing:
         raise LabError(f"--steps={missing}: no complete checkpoint there in {run_dir}; have {have}")
-    trainer = Trainer(cfg)
+    trainer = Runs(cfg)
     if wandb_mode:
         cfg.tracking.wandb.mode = wandb_mode
     circuit = None

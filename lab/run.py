@@ -30,10 +30,10 @@ from lab.measures.phase import detect_transitions, first_crossing, main_transiti
 from lab.measures.phase import flat as phase_flat
 from lab.pictures import AttentionPictures
 from lab.plots import plot_curves
+from lab.runs import Runs
 from lab.state import TrainState
 from lab.tasks import make_task
 from lab.tracking import Tracker, read_metrics, wandb_id
-from lab.trainer import Trainer
 
 
 def versions() -> dict:
@@ -54,7 +54,7 @@ def transitions_of(rows: list[dict], metric: str, threshold: float | None) -> di
 
 def train_run(cfg: Config, node: DictConfig, quiet: bool = False, overrides: list[str] | None = None) -> Path:
     """Train one run and write its directory. Returns the run directory."""
-    trainer = Trainer(cfg)  # builds task and model: bad input files fail here, before any write
+    trainer = Runs(cfg)  # builds task and model: bad input files fail here, before any write
     run_dir = rundir.resolve_run_dir(cfg)
     rundir.create(run_dir, node, overrides)
     execute(trainer, [RunSink(run_dir, cfg, node, trainer.condition(0))], trainer.init_state(), quiet=quiet)
@@ -138,7 +138,7 @@ class RunSink(Sink):
         return summary
 
 
-def execute(trainer: Trainer, sinks: list[RunSink], state: TrainState, quiet: bool = False) -> list[Path]:
+def execute(trainer: Runs, sinks: list[RunSink], state: TrainState, quiet: bool = False) -> list[Path]:
     """Train the runs of ``state`` (one per sink) to the end; each run directory is written as if its run had
     trained alone: metrics, checkpoints, then summary, curves and the circuit summary."""
     n = len(sinks)
@@ -148,7 +148,7 @@ def execute(trainer: Trainer, sinks: list[RunSink], state: TrainState, quiet: bo
             print(f"run directory: {s.dir}", file=sys.stderr)
     bar = None
     if cfg.trainer.progress and not quiet:
-        bar = tqdm(total=cfg.trainer.steps, initial=trainer.current_step(state),
+        bar = tqdm(total=cfg.trainer.steps, initial=trainer.program.current_step(state),
                    desc=cfg.experiment + (f" x{n}" if n > 1 else ""), unit="step", dynamic_ncols=True, file=sys.stderr)
     key_metric = trainer.task.key_metric
 
@@ -166,9 +166,9 @@ def execute(trainer: Trainer, sinks: list[RunSink], state: TrainState, quiet: bo
         for s in sinks:
             s.pictures = pictures
     t0 = time.perf_counter()
-    start_step = trainer.current_step(state)
+    start_step = trainer.program.current_step(state)
     try:
-        state = drive(trainer, state, sinks, progress=progress, start_time=t0)
+        state = drive(trainer, state, sinks, trainer.plan, progress=progress, start_time=t0)
         jax.block_until_ready(state)
     except BaseException:
         for s in sinks:  # a failed run's wandb run ends here, not in the next run of this process
@@ -194,7 +194,7 @@ class CircuitSummaries:
     """Each run's circuit summary at its final parameters (None where the task has none or it is off), with
     the run's own task (batched runs may differ in its data fields); one summariser per distinct task."""
 
-    def __init__(self, trainer: Trainer, state: TrainState):
+    def __init__(self, trainer: Runs, state: TrainState):
         self.trainer, self.state, self.built = trainer, state, {}
 
     def __call__(self, i: int, final: dict) -> dict | None:

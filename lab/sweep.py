@@ -28,7 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lab.batch import is_batch, train_batch
-from lab.config import compose, config_dir, one_line, to_config
+from lab.config import compose, config_dir, one_line, search_path_overrides, to_config
 from lab.errors import LabError
 from lab.replay import resume_run
 from lab.run import train_run
@@ -159,7 +159,9 @@ def run_sweep(overrides: list[str], quiet: bool = False) -> Path:
     sweep_dir = Path(given[-1].split("=", 1)[1]) if given else default_sweep_dir(overrides)
     rest = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     check_jobs(rest)
-    argv = [sys.argv[0], "--multirun", *rest, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
+    # as compose() does: a task without an experiment gets experiment=none; plug-ins' config folders are searched
+    argv = [sys.argv[0], "--multirun", *search_path_overrides(rest), f"hydra.sweep.dir={sweep_dir}",
+            "hydra.sweep.subdir=${hydra.job.num}",
             "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     # jobs that share a GPU must not each reserve most of its memory (JAX's default); they inherit this
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

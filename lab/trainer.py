@@ -1,10 +1,13 @@
-"""The training step and evaluation as pure functions, and the trainer that compiles them for R runs at once.
+"""The training step and evaluation as pure functions, and the program that compiles them for R runs at once.
 
 A run is a pure function of its config and seed: the batch of step t is sampled on the device from
 ``fold_in(key, t)``, so any step can be recomputed, resumed or forked from a checkpoint alone. The step
-(``train_step``) and the evaluation (``evaluate``) are module-level functions of one run's ``TrainState``;
-``Trainer`` vmaps them over a leading run axis, once, for every program it compiles. One run is a program of
-R = 1 runs, a batch (lab.batch: seeds x conditions x learning rates x task values) one of R > 1: the same code.
+(``train_step``) and the evaluation (``evaluate``) are module-level functions of one run's ``TrainState`` and
+the run's ``Parts`` (task, model, clamps, optimiser). ``Program`` is built from those parts alone -- no config,
+no disk -- and vmaps the functions over a leading run axis, once, for every program it compiles. One run is a
+program of R = 1 runs, a batch (lab.batch: seeds x conditions x learning rates x task values) one of R > 1: the
+same code. What the runs are (their configs, conditions, rates, seeds, reference checkpoints) is the runs
+layer's business (lab/runs.py), which builds the parts and hands them here.
 
 Runs of one program share every shape; where they differ, it is in data held in their state: the learning rate
 (``state.lr``, the optimiser is built at that rate inside the step), the task's data fields (``state.task``),
@@ -29,14 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lab import kernels, plugins
 from lab.clamp import ClampSet
-from lab.errors import LabError, check
+from lab.errors import LabError
 from lab.hooks import NO_HOOKS, Hooks
 from lab.measures import Measures
-from lab.model import Transformer, build_model
-from lab.optim import make_optimizer
-from lab.rundir import reference_params
+from lab.model import Transformer
 from lab.state import TrainState
-from lab.tasks import make_task
 
 GiB = 1024 ** 3
 
@@ -44,7 +44,7 @@ GiB = 1024 ** 3
 # ---- what the pure functions close over ------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, eq=False)
 class Parts:
-    """The static parts of one run's step: hashed by identity, so jit sees one program per Trainer."""
+    """The static parts of one run's step: hashed by identity, so jit sees one program per Program."""
 
     task: Any
     model: Transformer
@@ -178,13 +178,6 @@ def all_finite(params) -> jax.Array:
     return jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in leaves]).all(0)
 
 
-def make_clamps(specs: dict, model, task) -> ClampSet:
-    """A clamp set, with the parameters its ``value: reference`` clamps read loaded from their run directories."""
-    refs = {n: reference_params(c.reference_dir, c.reference_step, model) for n, c in specs.items()
-            if c.value == "reference"}
-    return ClampSet(specs, model, task, references=refs)
-
-
 class OverRuns:
     """A function of one run's arguments, jitted and called on R runs stacked on a leading axis: vmapped for
     R > 1. For R = 1 the run's slice goes to the jitted function of one run itself, on the host side of the
@@ -231,78 +224,39 @@ def _to_host_soon(tree):
     return tree
 
 
-# ---- the trainer of R runs ----------------------------------------------------------------------------------
-class Trainer:
-    """The task, model and clamps of R runs that share every shape (one config, or a batch's list of solo
-    configs), and the jitted, vmapped programs that train and evaluate them. Its state holds the R runs
-    stacked on a leading axis (``init_state``; ``run_state(state, i)`` is run i's as it would train alone)."""
+# ---- the program of R runs ---------------------------------------------------------------------------------
+class Program:
+    """The compiled step and evaluation of R runs stacked on a leading axis, from parts alone: the one-run
+    ``parts`` (task, model, clamps -- the union of the runs' conditions, gated per run by ``state.gates`` --,
+    optimiser), the ``measures``, the evaluation sets ``evals`` (a set stacked per run has a leading run axis)
+    scored by ``eval_metrics[name]`` (None: the task's metrics), and the ``views`` each set is evaluated in:
+    (suffix, clamps) pairs, "" as trained first."""
 
-    def __init__(self, cfgs, task=None, model: Transformer | None = None):
-        self.cfgs = list(cfgs) if isinstance(cfgs, (list, tuple)) else [cfgs]
-        self.runs = len(self.cfgs)
-        cfg = self.cfg = self.cfgs[0]  # what the runs share: trainer, checkpoint, cadence, model, optimiser
-        for c in self.cfgs:
-            if dataclasses.replace(c.optim, lr=0.0) != dataclasses.replace(cfg.optim, lr=0.0):
-                raise LabError(f"optim: batched runs may differ in optim.lr only, got {c.optim} and {cfg.optim}")
-        self.task = task if task is not None else make_task(cfg.task)
-        self.task_fields = self._task_fields()  # the task fields each run holds as data in its state
-        self.model = model if model is not None else build_model(cfg.model, self.task, seed=cfg.seed)
-        tc = cfg.trainer
-
-        # clamps: one condition's as they are; several conditions' as the union, each renamed NAME@CONDITION
-        # and switched on per run by state.gates
-        conds: list[dict] = []
-        self.cond_of: list[int] = []
-        for c in self.cfgs:
-            key = {n: dataclasses.asdict(s) for n, s in c.clamps.items()}
-            if key not in conds:
-                conds.append(key)
-            self.cond_of.append(conds.index(key))
-        self.conds = [dict(self.cfgs[self.cond_of.index(i)].clamps) for i in range(len(conds))]
-        self.gated = len(self.conds) > 1
-        specs = ({f"{n}@{i}": s for i, cl in enumerate(self.conds) for n, s in cl.items()} if self.gated
-                 else dict(self.conds[0]))
-        self.clamps = make_clamps(specs, self.model, self.task)
-        # progress measures by clamp: the current model, as it runs (its own clamps included, as at the step),
-        # with one more clamp it was not trained with. A run trained with one active head (Singh's single_head)
-        # keeps the others ablated under the probe, as the authors' progress measures do (their Fig. 10 adds
-        # the probe clamp to --opto_ablate_heads). A probe named like one of the run's clamps replaces it.
-        self.probe_clamps = {name: make_clamps({**specs, name: spec}, self.model, self.task)
-                             for name, spec in cfg.measures.clamps.items()}
-
-        frozen = self.model.frozen_mask(self.model.params())
-        any_frozen = any(jax.tree_util.tree_leaves(frozen))
-        self.frozen = frozen if any_frozen else None
-        self.own_lr = len({c.optim.lr for c in self.cfgs}) > 1  # each run's rate is data in its state
-        mask = frozen if any_frozen else None
-        self.opt = make_optimizer(cfg.optim, tc.steps, mask, lr=None)
-
-        def optimizer(lr):  # the optimiser at a rate: the config's (None), or a run's own (state.lr, traced)
-            return self.opt if lr is None else make_optimizer(cfg.optim, tc.steps, mask, lr=lr)
-
-        self.parts = Parts(self.task, self.model, self.clamps, optimizer, self.frozen, tc.batch_size,
-                           tc.steps_per_call, tc.on_nonfinite == "skip", tc.eval_batch_size)
-        trainable = jax.tree_util.tree_map(lambda f: not f, frozen)
-        self.measures = Measures(cfg.measures, self.model, self.task, loss_fn=self.loss, batch_size=tc.batch_size,
-                                 trainable=trainable)
-        self.evals = self._evaluation_sets()
-        self.watch = cfg.watch or self.task.watch_metric
-
-        p = self.parts
-        r = self.runs
-        self.scan_fn = OverRuns(lambda s: scan_steps(p, s), r, donate=True)  # steps_per_call steps
-        self.run_fn = OverRuns(lambda s, n: run_steps(p, s, n), r, in_axes=(0, None), donate=True)
-        self.step_fn = OverRuns(lambda s: train_step(p, s), r, donate=True)  # one step (tests, FLOP counts)
+    def __init__(self, parts: Parts, runs: int, measures: Measures, evals: dict,
+                 views: list[tuple[str, ClampSet | None]], eval_metrics: dict[str, Callable | None] | None = None):
+        self.parts, self.runs, self.measures, self.evals = parts, runs, measures, evals
+        self.views = list(views)
+        self.eval_metrics = dict(eval_metrics or {})
+        p = parts
+        self.scan_fn = OverRuns(lambda s: scan_steps(p, s), runs, donate=True)  # steps_per_call steps
+        self.run_fn = OverRuns(lambda s, n: run_steps(p, s, n), runs, in_axes=(0, None), donate=True)
+        self.step_fn = OverRuns(lambda s: train_step(p, s), runs, donate=True)  # one step (tests, FLOP counts)
         self.finite_fn = jax.jit(all_finite)
         self._eval_fns: dict = {}
-        if cfg.watch:  # a typo would otherwise surface only after training, as "no transition detected"
-            names = self.metric_names()
-            if cfg.watch not in names:
-                heads = sorted({n.split("/")[0] + "/L{l}H{h}" for n in names if "/L" in n and n[-1].isdigit()})
-                shown = [n for n in names if not ("/L" in n and n[-1].isdigit())] + heads
-                check(False, "watch", cfg.watch, f"a metric this run logs: {', '.join(shown)}")
 
-    # ---- one run's pure functions, bound to this trainer's parts (tests, measures, notebooks) --------------
+    @property
+    def task(self):
+        return self.parts.task
+
+    @property
+    def model(self) -> Transformer:
+        return self.parts.model
+
+    @property
+    def clamps(self) -> ClampSet:
+        return self.parts.clamps
+
+    # ---- one run's pure functions, bound to this program's parts (tests, measures, notebooks) --------------
     def loss(self, params, batch, hooks: Hooks = NO_HOOKS) -> jax.Array:
         return loss(self.parts, params, batch, hooks)
 
@@ -312,86 +266,9 @@ class Trainer:
     def batch_at(self, key, step, data: dict | None = None) -> dict:
         return batch_at(self.parts, key, step, data)
 
-    # ---- the runs of this program ------------------------------------------------------------------------
-    def _task_fields(self) -> list[str]:
-        """The task fields in which the runs differ; only the task's data fields may."""
-        base = dataclasses.asdict(self.cfgs[0].task)
-        differ = sorted({k for c in self.cfgs for k, v in dataclasses.asdict(c.task).items() if v != base[k]})
-        allowed = self.task.data_fields
-        bad = [k for k in differ if k not in allowed]
-        if bad:
-            raise LabError(f"task.{bad[0]}: batched runs may differ only in the task's data fields "
-                           f"({', '.join(allowed) or 'none'}); train other task settings as separate runs")
-        return differ
-
-    def _evaluation_sets(self) -> dict:
-        """The task's evaluation sets; runs whose tasks differ in data fields may differ in them too (an
-        evaluator on the training mixture): those are stacked per run (a leading run axis), the others shared."""
-        evals = evaluation_sets(self.task, self.cfg.evaluators)
-        if not self.task_fields:
-            return evals
-        built: dict[str, dict] = {}  # one task (and its compiled samplers) per distinct task config, not per run
-        for c in self.cfgs:
-            key = repr(dataclasses.asdict(c.task))
-            if key not in built:
-                built[key] = evaluation_sets(make_task(c.task), self.cfg.evaluators)
-        per_run = [built[repr(dataclasses.asdict(c.task))] for c in self.cfgs]
-        for name in list(evals):
-            leaves = [jax.tree_util.tree_leaves(e[name]) for e in per_run]
-            if not all(np.array_equal(a, b) for lv in leaves[1:] for a, b in zip(leaves[0], lv, strict=True)):
-                evals[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(e[name] for e in per_run))
-        return evals
-
-    def init_run_state(self, i: int = 0, params: dict | None = None) -> TrainState:
-        """Run i's state at step 0, as it would train alone (``params``: its initial parameters)."""
-        c = self.cfgs[i]
-        params = self.model.params() if params is None else params
-        frozen = sorted(n for n, spec in c.clamps.items() if spec.value == "frozen")  # its own frozen clamps
-        return TrainState(params=params, opt_state=self.opt.init(params), step=jnp.zeros((), jnp.int32),
-                          key=jax.random.fold_in(jax.random.PRNGKey(c.seed), 1),
-                          frozen={n: jax.tree_util.tree_map(jnp.copy, params) for n in frozen} or None)
-
-    def init_state(self) -> TrainState:
-        """The R runs at step 0, stacked (each run's parameters from its own seed)."""
-        states = []
-        base_consts = jax.tree_util.tree_leaves(self.model.consts)
-        for i, c in enumerate(self.cfgs):
-            m = self.model if c.seed == self.cfg.seed else build_model(c.model, self.task, seed=c.seed)
-            if not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(m.consts), base_consts,
-                                                            strict=True)):
-                raise LabError(f"trainer.seeds: model.positions={c.model.positions} draws fixed arrays per seed, "
-                               "which batched runs cannot hold apart; train these seeds as separate runs "
-                               "(lab train -m seed=...)")
-            states.append(self.init_run_state(i, m.params()))
-        return self.stack(states)
-
-    def stack(self, states: list[TrainState]) -> TrainState:
-        """The program's state from its R runs' own states (as ``init_run_state`` or a checkpoint holds them):
-        what the runs hold as data (rate, task fields, gates) is added, and the runs stacked."""
-        if len(states) != self.runs:
-            raise LabError(f"runs: this program trains {self.runs} runs, got {len(states)} states")
-        full = []
-        for i, (st, c) in enumerate(zip(states, self.cfgs, strict=True)):
-            if self.gated and self.clamps.frozen_names:  # the program's names NAME@CONDITION; others' unused
-                own = {f"{n}@{self.cond_of[i]}": v for n, v in (st.frozen or {}).items()}
-                st = st.replace(frozen={n: own[n] if n in own else jax.tree_util.tree_map(jnp.copy, st.params)
-                                        for n in self.clamps.frozen_names})
-            full.append(st.replace(
-                lr=jnp.float32(c.optim.lr) if self.own_lr else None,
-                task=self.task.run_data({f: getattr(c.task, f) for f in self.task_fields}) if self.task_fields
-                else None,
-                gates={n: jnp.float32(n.rsplit("@", 1)[1] == str(self.cond_of[i])) for n in self.clamps.specs}
-                if self.gated else None))
-        return self.shard(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *full))
-
-    def run_state(self, state: TrainState, i: int) -> TrainState:
-        """Run i's state, as a run trained alone would hold it (what its checkpoints store)."""
-        one = state.run(i).own()
-        if self.gated and one.frozen is not None:  # back to the run's own clamp names
-            suffix = f"@{self.cond_of[i]}"
-            own = {n[: -len(suffix)]: v for n, v in one.frozen.items() if n.endswith(suffix)}
-            one = one.replace(frozen=own or None)
-        return one
+    # ---- driving it ----------------------------------------------------------------------------------------
+    def current_step(self, state: TrainState) -> int:
+        return int(state.step[0])
 
     def shard(self, state: TrainState) -> TrainState:
         """Spread the runs over the available devices (a mesh with one axis, "runs"): 8 GPUs train 8x the
@@ -402,17 +279,6 @@ class Trainer:
         mesh = Mesh(np.array(devices), ("runs",))
         return jax.device_put(state, NamedSharding(mesh, PartitionSpec("runs")))
 
-    def current_step(self, state: TrainState) -> int:
-        return int(state.step[0])
-
-    def condition(self, i: int) -> str:
-        return "+".join(self.cfgs[i].clamps) or "none"
-
-    def run_label(self, i: int) -> str:
-        """How an error names run i ("" for a single run)."""
-        return f" in run {i} (seed {self.cfgs[i].seed}, {self.condition(i)})" if self.runs > 1 else ""
-
-    # ---- host-side driving ---------------------------------------------------------------------------------
     def advance(self, state: TrainState, n: int):
         """Run n steps; returns the new state and, per host call, (the per-step losses/grad norms in buffers on
         the device, run axis first and time axis last; how many of their entries the call filled)."""
@@ -425,18 +291,6 @@ class Trainer:
             state, out = self.run_fn(state, n)
             outs.append((_to_host_soon(out), n))
         return state, outs
-
-    def views(self) -> list[tuple[str, ClampSet | None]]:
-        """(suffix, clamps) of each evaluation: as trained, unclamped (if asked), and each probe clamp."""
-        views = [("", self.clamps)]
-        if self.clamps and self.cfg.trainer.log_unclamped:
-            views.append(("@unclamped", None))
-        return views + [(f"@{name}", cs) for name, cs in self.probe_clamps.items()]
-
-    def metrics_of(self, evaluator: str) -> Callable | None:
-        """How an evaluator's logits are scored: a registered evaluator's own metrics, else the task's (None)."""
-        entry = plugins.evaluators.get(evaluator) if evaluator in self.cfg.evaluators else None
-        return entry.metrics if entry is not None else None
 
     def _eval_fn(self, clamps: ClampSet | None, per_run: bool, metrics: Callable | None = None):
         key = (id(clamps), per_run, id(metrics))
@@ -453,10 +307,10 @@ class Trainer:
         """Every evaluator's metrics (clamps acting as at the step, unless eval: false), one dict per run."""
         row = {}
         for name, batch in self.evals.items():
-            per_run = batch["tokens"].ndim == 3  # an evaluation set stacked per run (see _evaluation_sets)
-            for suffix, clamps in self.views():
-                out = self._eval_fn(clamps, per_run, self.metrics_of(name))(state.params, state.step, state.frozen,
-                                                                            state.gates, batch)
+            per_run = batch["tokens"].ndim == 3  # an evaluation set stacked per run
+            for suffix, clamps in self.views:
+                out = self._eval_fn(clamps, per_run, self.eval_metrics.get(name))(
+                    state.params, state.step, state.frozen, state.gates, batch)
                 for k, v in out.items():
                     if suffix and suffix != "@unclamped" and k != "loss":
                         continue  # probe clamps log their loss only
@@ -465,44 +319,36 @@ class Trainer:
         return [{k: float(v[i]) for k, v in host.items()} for i in range(self.runs)]
 
     def evaluate(self, state: TrainState) -> dict[str, float]:
-        """The evaluators' metrics of a single run's state (as ``run_state`` or a checkpoint holds it); the
-        program must train one run."""
+        """The evaluators' metrics of a single run's state (as a checkpoint holds it, or stacked); the program
+        must train one run."""
         if self.runs != 1:
             raise LabError(f"runs: evaluate() takes one run's state; this program trains {self.runs} (use "
                            "evaluate_runs on the stacked state)")
-        return self.evaluate_runs(self.stack([state]) if state.step.ndim == 0 else state)[0]
+        stacked = jax.tree_util.tree_map(lambda a: a[None], state) if state.step.ndim == 0 else state
+        return self.evaluate_runs(stacked)[0]
 
     def metric_names(self) -> list[str]:
-        """The names of the metrics in this run's rows (the evaluators' from shapes alone, a frozen clamp's
-        view with a snapshot of the initial parameters; the measures by computing them once there)."""
+        """The names of the metrics in a run's rows (the evaluators' from shapes alone, a frozen clamp's view
+        with a snapshot of the initial parameters; the measures by computing them once there)."""
         params = self.model.params()
         frozen = self.clamps.init_frozen(params) if self.clamps.frozen_names else None
         names = {"train/batch_loss", "train/grad_norm", "train/update_ratio", "train/loss"}
         for name, batch in self.evals.items():
             batch = jax.tree_util.tree_map(lambda a: a[0], batch) if batch["tokens"].ndim == 3 else batch
-            for suffix, clamps in self.views():
-                keys = jax.eval_shape(lambda p, b, f, c=clamps, m=self.metrics_of(name):
+            for suffix, clamps in self.views:
+                keys = jax.eval_shape(lambda p, b, f, c=clamps, m=self.eval_metrics.get(name):
                                       evaluate(self.parts, p, b, frozen=f, clamps=c, metrics=m), params, batch, frozen)
                 names |= {f"{name}{suffix}/{k}" for k in keys if suffix in ("", "@unclamped") or k == "loss"}
         names |= set(self.measures(params))
         return sorted(names)
 
-    # ---- memory --------------------------------------------------------------------------------------------
-    def check_memory(self, state: TrainState, limit_bytes: float | None = None) -> dict:
-        """Compile the step program and refuse it, before anything runs, if it would not fit."""
-        need = _program_bytes(self.scan_fn.compile(state))  # the program just compiled is the one that runs
-        limit = limit_bytes if limit_bytes is not None else free_device_bytes()
+    def memory(self, state: TrainState) -> dict:
+        """Compile the step program for ``state`` now (later calls run this compiled program) and say what it
+        needs: bytes in all and per run, and the device count it is spread over."""
+        need = _program_bytes(self.scan_fn.compile(state))
         ndev = len(jax.devices()) if self.runs % len(jax.devices()) == 0 else 1
-        per_run = need * ndev / self.runs  # XLA reports one device's share of a sharded program
-        info = {"runs": self.runs, "bytes": need, "bytes_per_run": per_run, "limit_bytes": limit,
-                "devices": len(jax.devices())}
-        if limit is not None and need > limit:
-            fit = int(limit // per_run)
-            has = (f"the limit is trainer.memory_limit_gb={limit / GiB:g}" if limit_bytes is not None
-                   else f"{limit / GiB:.2f} GiB is free on {jax.devices()[0].device_kind}")
-            raise LabError(f"trainer.seeds: {self.runs} runs need {need / GiB:.2f} GiB ({per_run / GiB:.3f} GiB each) "
-                           f"but {has}; at most {fit} fit")
-        return info
+        return {"runs": self.runs, "bytes": need, "bytes_per_run": need * ndev / self.runs,  # XLA reports one
+                "devices": len(jax.devices())}  # device's share of a sharded program
 
 
 def _program_bytes(compiled) -> float:

@@ -77,12 +77,12 @@ def test_a_batch_that_does_not_fit_is_refused_before_anything_is_written(tiny, t
 
 def test_batched_runs_must_share_the_optimiser_but_for_its_rate(tiny):
     from lab.errors import LabError
-    from lab.trainer import Trainer
+    from lab.runs import Runs
 
     c0 = load_config(tiny)[0]
     c1 = load_config(tiny + ["optim.b2=0.99"])[0]
     try:
-        Trainer([c0, c1])
+        Runs([c0, c1])
     except LabError as e:
         assert str(e).startswith("optim: batched runs may differ in optim.lr only")
     else:

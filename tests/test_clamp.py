@@ -10,7 +10,8 @@ from lab.clamp import ClampConfig, ideal_pattern
 from lab.cli import main
 from lab.config import load_config
 from lab.hooks import Hooks
-from lab.trainer import Trainer, masked_nll
+from lab.runs import Runs
+from lab.trainer import masked_nll
 from tests.conftest import TINY
 
 ONE_HEAD = TINY + ["model.n_heads=1", "model.d_model=16"]
@@ -19,11 +20,11 @@ ONE_HEAD = TINY + ["model.n_heads=1", "model.d_model=16"]
 def setup(overrides=TINY, clamps=None):
     cfg, _ = load_config(overrides)
     cfg.clamps = clamps or {}
-    return Trainer(cfg)
+    return Runs(cfg)
 
 
 def loss_and_grads(tr, params, batch, step, frozen=None):
-    return jax.value_and_grad(tr.clamped_loss)(params, batch, jnp.int32(step), frozen)
+    return jax.value_and_grad(tr.program.clamped_loss)(params, batch, jnp.int32(step), frozen)
 
 
 def leaves_equal(a, b):
@@ -34,7 +35,7 @@ def leaves_equal(a, b):
 @pytest.fixture(scope="module")
 def base():
     tr = setup()
-    batch = tr.batch_at(jax.random.PRNGKey(3), 0)
+    batch = tr.program.batch_at(jax.random.PRNGKey(3), 0)
     return tr, tr.model.params(), batch
 
 
@@ -53,10 +54,10 @@ def test_strength_zero_and_closed_window_change_nothing(base):
 def test_open_window_changes_loss(base):
     tr0, params, batch = base
     tr = setup(clamps={"c": ClampConfig(site="blocks.0.hook_attn_out", value="zero", windows=[[0, 3], [10, 20]])})
-    ref = float(tr0.clamped_loss(params, batch, 5))
-    assert float(tr.clamped_loss(params, batch, 12)) != ref
-    assert float(tr.clamped_loss(params, batch, 1)) != ref
-    assert float(tr.clamped_loss(params, batch, 20)) == ref  # stop is exclusive
+    ref = float(tr0.program.clamped_loss(params, batch, 5))
+    assert float(tr.program.clamped_loss(params, batch, 12)) != ref
+    assert float(tr.program.clamped_loss(params, batch, 1)) != ref
+    assert float(tr.program.clamped_loss(params, batch, 20)) == ref  # stop is exclusive
 
 
 def test_reference_to_same_parameters_leaves_logits(base, tmp_path):
@@ -74,7 +75,7 @@ def test_reference_to_same_parameters_leaves_logits(base, tmp_path):
 def test_stop_gradient_zeroes_what_feeds_only_the_clamped_site():
     tr = setup(ONE_HEAD, clamps={"p": ClampConfig(site="blocks.1.attn.hook_pattern", value="uniform")})
     params = tr.model.params()
-    batch = tr.batch_at(jax.random.PRNGKey(0), 0)
+    batch = tr.program.batch_at(jax.random.PRNGKey(0), 0)
     _, g = loss_and_grads(tr, params, batch, 0)
     for name in ("W_Q", "W_K", "b_Q", "b_K"):
         assert np.all(np.asarray(g["blocks"]["1"]["attn"][name]) == 0.0), name
@@ -93,17 +94,17 @@ def test_training_steps_outside_window_equal_unclamped_and_no_recompilation():
     free = setup()
     tr = setup(clamps={"w": clamp})
     s_free, s_cl = free.init_state(), tr.init_state()
-    s_free, _ = free.advance(s_free, 20)
-    s_cl, _ = tr.advance(s_cl, 20)
+    s_free, _ = free.program.advance(s_free, 20)
+    s_cl, _ = tr.program.advance(s_cl, 20)
     assert leaves_equal(s_free.params, s_cl.params)  # before the window: identical
-    s_free, _ = free.advance(s_free, 20)
-    s_cl, _ = tr.advance(s_cl, 20)
+    s_free, _ = free.program.advance(s_free, 20)
+    s_cl, _ = tr.program.advance(s_cl, 20)
     assert not leaves_equal(s_free.params, s_cl.params)  # inside: different
     # after the window closes, a step from the same state equals the unclamped step
-    a, _ = free.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
-    b, _ = tr.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
+    a, _ = free.program.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
+    b, _ = tr.program.step_fn(jax.tree_util.tree_map(jnp.copy, s_cl))
     assert leaves_equal(a.params, b.params)
-    assert tr.scan_fn.cache_size() == 1 and tr.step_fn.cache_size() == 1  # windows are data
+    assert tr.program.scan_fn.cache_size() == 1 and tr.program.step_fn.cache_size() == 1  # windows are data
 
 
 def test_frozen_equals_reference_to_checkpoint_of_same_run(tmp_path):
@@ -111,20 +112,20 @@ def test_frozen_equals_reference_to_checkpoint_of_same_run(tmp_path):
     tr = setup(clamps={"f": frozen})
     ck = Checkpointer(tmp_path / "run" / "checkpoints")
     state = tr.init_state()
-    state, _ = tr.advance(state, 20)
+    state, _ = tr.program.advance(state, 20)
     ck.save(20, tr.run_state(state, 0).saved())
     ck.close()
     # evaluated at the step its window opens, a frozen clamp replaces the site by its own value
     free = setup()
     ev_frozen, ev_free = tr.evaluate(state), free.evaluate(tr.run_state(state, 0).replace(frozen=None))
     assert ev_frozen["test/loss"] == pytest.approx(ev_free["test/loss"], rel=1e-6)
-    state, _ = tr.advance(state, 15)
+    state, _ = tr.program.advance(state, 15)
     state = tr.run_state(state, 0)
     saved = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).restore(20, state.saved())
     assert leaves_equal(state.frozen["f"], jax.device_get(saved["params"]))
     ref = setup(clamps={"r": ClampConfig(site="blocks.0.attn.hook_pattern", value="reference",
                                          reference_dir=str(tmp_path / "run"), reference_step=20)})
-    batch = tr.batch_at(jax.random.PRNGKey(9), 0)
+    batch = tr.program.batch_at(jax.random.PRNGKey(9), 0)
     p = state.params
     lf = tr.model.apply(p, batch, tr.clamps.hooks(p, batch, 35, state.frozen))
     lr = ref.model.apply(p, batch, ref.clamps.hooks(p, batch, 35))
@@ -149,7 +150,7 @@ def _singh_pass(preset: list[str], sites: list[str]):
     """One clamped (and one clean) forward pass of the Singh model under clamp presets, with caches."""
     cfg, _ = load_config(["experiment=singh_fewshot", f"clamp=[{','.join(preset)}]", "tracking.wandb.mode=disabled",
                           "task.eval_size=20", "measures.names=[none]"])
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     params = tr.model.params()
     names = sites + ["hook_embed"]
 
@@ -290,7 +291,7 @@ def test_a_watch_typo_is_caught_even_with_a_frozen_clamp():
 
     frozen = ["+clamps.f={site:blocks.0.hook_attn_out,value:frozen,windows:[[10,30]]}", "trainer.log_unclamped=true"]
     cfg, _ = load_config(TINY + frozen + ["watch=test@unclamped/loss"])
-    assert "test@unclamped/loss" in Trainer(cfg).metric_names()
+    assert "test@unclamped/loss" in Runs(cfg).program.metric_names()
     cfg, _ = load_config(TINY + frozen + ["watch=test/los"])
     with pytest.raises(ConfigError, match="watch"):
-        Trainer(cfg)
+        Runs(cfg)

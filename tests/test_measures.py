@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lab.cadence import AdaptiveCadence, CadenceConfig
 from lab.clamp import ideal_pattern
 from lab.measures import attention as att
 from lab.measures import circuits, repeated_probe
-from lab.measures.cadence import AdaptiveCadence, CadenceConfig
 from lab.measures.phase import detect_transitions, first_crossing
 from lab.tasks import make_task
 from lab.tasks.fewshot import FewshotConfig
@@ -109,13 +109,13 @@ def test_adaptive_cadence_logs_densely_inside_transition():
 
 def test_measures_logged_per_head_in_a_run():
     from lab.config import load_config
-    from lab.trainer import Trainer
+    from lab.runs import Runs
     from tests.conftest import TINY
 
     cfg, _ = load_config(TINY + ["trainer.steps=20", "measures.names=[auto,llc,memory_recall]", "measures.llc_steps=8",
                                  "measures.llc_burn_in=2", "measures.llc_chains=2",
                                  "+measures.clamps.pm={site:blocks.1.attn.hook_pattern,value:induction}"])
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     row = tr.measures(tr.model.params())
     for name in ("prev_token", "prefix_matching", "entropy", "copying"):
         assert {f"{name}/L{l}H{h}" for l in range(2) for h in range(2)} <= set(row), name
@@ -134,14 +134,14 @@ def test_a_probe_clamp_adds_to_the_runs_own_clamps():
     """Singh's progress measures (their Fig. 10) keep the run's ablations and add the probe clamp: the
     probe view of a run trained with layer 1 ablated is that run's model, not the unablated one."""
     from lab.config import load_config
-    from lab.trainer import Trainer
+    from lab.runs import Runs
     from tests.conftest import TINY
 
     cfg, _ = load_config(TINY + ["trainer.log_unclamped=true",
                                  "+clamps.abl={site:blocks.1.attn.hook_v,value:ablate}",
                                  "+measures.clamps.noop={site:blocks.0.attn.hook_pattern,value:uniform,strength:0.0}",
                                  "+measures.clamps.pt={site:blocks.0.attn.hook_pattern,value:previous_token}"])
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     ev = tr.evaluate(tr.init_state())
     # a probe that changes nothing sees the run as trained (layer 1 ablated), not the unclamped model
     assert abs(ev["test@noop/loss"] - ev["test/loss"]) < 1e-6

@@ -26,11 +26,11 @@ from tests.conftest import ROOT, TINY, lab_cmd
 def _final_params(run_dir: Path):
     from lab.config import from_yaml
     from lab.rundir import restore_state
-    from lab.trainer import Trainer
+    from lab.runs import Runs
 
     step = Checkpointer(run_dir / "checkpoints", read_only=True).steps()[-1]
     cfg, _ = from_yaml(run_dir / "config.yaml")
-    return step, restore_state(Trainer(cfg), run_dir, step)
+    return step, restore_state(Runs(cfg), run_dir, step)
 
 
 def _lines(path: Path) -> int:

@@ -34,9 +34,9 @@ def parent(tmp_path_factory):
     overrides = RUN + [f"run.dir={d}"]
     cfg, node = load_config(overrides)
     train_run(cfg, node, quiet=True, overrides=overrides)
-    from lab.trainer import Trainer
+    from lab.runs import Runs
 
-    return d, Trainer(cfg).init_run_state().saved()
+    return d, Runs(cfg).init_run_state().saved()
 
 
 @pytest.mark.parametrize("last", [15, 0])

@@ -109,3 +109,19 @@ def test_batched_runs_sharded_over_two_devices_equal_one_device(tiny, tmp_path):
         for ra, rb in zip(a, b, strict=True):
             keys = [k for k in rb if not k.startswith("perf/")]
             np.testing.assert_allclose([ra[k] for k in keys], [rb[k] for k in keys], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_plugin_task_finds_its_config_groups(tmp_path):
+    """The example plug-in's experiment (a config group of its package, on the search path) swept by seed."""
+    from tests.test_plugins import NC
+
+    sweep = tmp_path / "sw"
+    p = subprocess.run(lab_cmd("train", "-m", *NC, "seed=0,1", f"hydra.sweep.dir={sweep}"), capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    idx = _index(sweep)
+    assert sorted(idx) == [0, 1] and all(j["status"] == "done" for j in idx.values())
+    for j in idx.values():
+        s = json.loads((sweep / str(j["job"]) / "summary.json").read_text())
+        assert s["task"] == "noisy_copy" and "icl_gain" in s["final"]

@@ -8,15 +8,16 @@ from lab.checkpoint import Checkpointer
 from lab.config import load_config
 from lab.loop import Sink, drive, schedule
 from lab.optim import OptimConfig, make_optimizer
+from lab.runs import Runs
 from lab.state import TrainState
-from lab.trainer import Trainer, masked_nll
+from lab.trainer import masked_nll
 
 
 def run(overrides, save=None):
     cfg, _ = load_config(overrides)
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     rows = []
-    state = drive(tr, tr.init_state(), [Sink(cfg.cadence, log=rows.append, save=save)])
+    state = drive(tr, tr.init_state(), [Sink(cfg.cadence, log=rows.append, save=save)], tr.plan)
     return tr, state, rows
 
 
@@ -42,9 +43,9 @@ def test_scan_chunks_equal_single_steps(tiny):
     one program whose length is data."""
     _, s1, _ = run(tiny + ["trainer.steps_per_call=1"])
     tr, s2, _ = run(tiny + ["trainer.steps_per_call=7"])
-    assert tr.scan_fn.cache_size() == 1 and tr.run_fn.cache_size() == 1
+    assert tr.program.scan_fn.cache_size() == 1 and tr.program.run_fn.cache_size() == 1
     # one evaluation program per evaluation set's shapes
-    assert 1 <= sum(f.cache_size() for f in tr._eval_fns.values()) <= len(tr.task.evals)
+    assert 1 <= sum(f.cache_size() for f in tr.program._eval_fns.values()) <= len(tr.task.evals)
     for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
@@ -71,7 +72,7 @@ def test_checkpoint_restores_params_and_optimizer_state(tiny, tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert ck2.restore_config(60) == {"note": "test"}
     # training on from the step-30 checkpoint reproduces the step-60 state exactly
-    resumed = drive(tr, tr.stack([TrainState.from_saved(ck2.restore(30, like))]), [Sink(tr.cfg.cadence)])
+    resumed = drive(tr, tr.stack([TrainState.from_saved(ck2.restore(30, like))]), [Sink(tr.cfg.cadence)], tr.plan)
     for x, y in zip(jax.tree_util.tree_leaves(tr.run_state(resumed, 0).saved()),
                     jax.tree_util.tree_leaves(saved[60]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -99,7 +100,7 @@ def test_paper_experiments_compose_and_build(exp):
     """Every named experiment composes, validates, and builds its task and model."""
     cfg, _ = load_config([f"experiment={exp}", "tracking.wandb.mode=disabled", "task.eval_size=20",
                           "measures.names=[none]"])
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     # jitted: op by op, the sampler alone compiles some 200 single-op programs
     logits = jax.jit(lambda p, k: tr.model.apply(p, tr.task.sample(k, 2)))(tr.model.params(), jax.random.PRNGKey(0))
     assert logits.shape == (2, tr.task.seq_len, tr.task.n_outputs)
@@ -111,14 +112,14 @@ def test_classification_loss_read_out_at_the_query_equals_the_full_forward():
     equal the loss of the full forward pass, gradients included."""
     cfg, _ = load_config(["experiment=reddy_bursty", "tracking.wandb.mode=disabled", "task.K=64", "task.N=4",
                           "model.mlp_head=16", "measures.names=[none]", "task.eval_size=20"])
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     params = tr.model.params()
-    batch = jax.jit(tr.batch_at)(jax.random.PRNGKey(3), 0)
+    batch = jax.jit(tr.program.batch_at)(jax.random.PRNGKey(3), 0)
 
     def full(p, batch):
         return masked_nll(tr.model.apply(p, batch), batch)
 
-    lq, gq = jax.jit(jax.value_and_grad(tr.loss))(params, batch)
+    lq, gq = jax.jit(jax.value_and_grad(tr.program.loss))(params, batch)
     lf, gf = jax.jit(jax.value_and_grad(full))(params, batch)
     np.testing.assert_allclose(lq, lf, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(gq), jax.tree_util.tree_leaves(gf), strict=True):
@@ -133,14 +134,14 @@ def test_frozen_parameters_get_no_gradient_and_the_rest_their_full_one(tiny):
     import optax
 
     cfg, _ = load_config(tiny + ["model.freeze=[blocks.0.attn.W_V,unembed.*]"])
-    tr = Trainer(cfg)
+    tr = Runs(cfg)
     state = tr.init_run_state()
     params0 = jax.device_get(state.params)
-    batch = jax.jit(tr.batch_at)(state.key, 0)
-    full = jax.jit(jax.grad(tr.loss))(state.params, batch)  # every parameter differentiated
-    trainable = jax.tree_util.tree_map(lambda g, f: g * 0 if f else g, full, tr.frozen)
+    batch = jax.jit(tr.program.batch_at)(state.key, 0)
+    full = jax.jit(jax.grad(tr.program.loss))(state.params, batch)  # every parameter differentiated
+    trainable = jax.tree_util.tree_map(lambda g, f: g * 0 if f else g, full, tr.program.parts.frozen_mask)
     assert float(optax.global_norm(full)) > float(optax.global_norm(trainable)) > 0
-    new, out = tr.step_fn(tr.stack([state]))
+    new, out = tr.program.step_fn(tr.stack([state]))
     new = tr.run_state(new, 0)
     np.testing.assert_allclose(float(out["grad_norm"][0]), float(optax.global_norm(trainable)), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(new.params["unembed"]["W_U"]), params0["unembed"]["W_U"])

@@ -106,10 +106,10 @@ def test_an_attention_grid_tile_is_its_heads_pattern():
     import numpy as np
 
     from lab.pictures import GAP, TILE, AttentionPictures, probe_sequence
-    from lab.trainer import Trainer
+    from lab.runs import Runs
     from tests.conftest import TINY
 
-    tr = Trainer(load_config(TINY + ["model.n_heads=4"])[0])
+    tr = Runs(load_config(TINY + ["model.n_heads=4"])[0])
     params = tr.model.params()
     pics = AttentionPictures(tr.model, tr.task)
     grid = pics.grid(params).astype(np.float32) / 255.0

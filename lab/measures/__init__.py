@@ -22,7 +22,7 @@ from lab import plugins
 from lab.errors import check
 from lab.measures import attention as att
 from lab.measures import circuits
-from lab.measures.llc import SAMPLERS, LLCSettings, default_nbeta, estimate
+from lab.measures.llc import LLCSettings, default_nbeta, estimate
 from lab.tasks.base import vmap_sequences
 from lab.tasks.layouts import copy_layout, length_table
 
@@ -65,15 +65,13 @@ class MeasuresConfig:
             check(n in ALL or n in ("auto", "none") or n in plugins.measures, "measures.names", list(self.names),
                   f"each one of auto, none, {', '.join((*ALL, *plugins.measures.names()))}")
         check(self.probe_size >= 1, "measures.probe_size", self.probe_size, "must be >= 1")
-        check(self.llc_sampler in SAMPLERS, "measures.llc_sampler", self.llc_sampler, f"one of {', '.join(SAMPLERS)}")
-        check(self.llc_chains >= 1, "measures.llc_chains", self.llc_chains, "must be >= 1")
-        check(self.llc_steps >= 4, "measures.llc_steps", self.llc_steps, "must be >= 4")
-        check(self.llc_burn_in is None or 0 <= self.llc_burn_in < self.llc_steps, "measures.llc_burn_in",
-              self.llc_burn_in, f"must be in [0, measures.llc_steps={self.llc_steps}) or null (a quarter)")
-        check(self.llc_eps > 0, "measures.llc_eps", self.llc_eps, "must be > 0")
-        check(self.llc_gamma >= 0, "measures.llc_gamma", self.llc_gamma, "must be >= 0")
-        check(self.llc_nbeta is None or self.llc_nbeta > 0, "measures.llc_nbeta", self.llc_nbeta,
-              "must be > 0 or null (devinterp's default)")
+        llc_settings(self, 1).validate(LLC_FIELDS)  # the same checks as `lab llc`'s flags, named as config fields
+
+
+# how a config names each LLC setting (lab.measures.llc.LLCSettings.validate)
+LLC_FIELDS = {"sampler": "measures.llc_sampler", "chains": "measures.llc_chains", "steps": "measures.llc_steps",
+              "burn_in": "measures.llc_burn_in", "eps": "measures.llc_eps", "gamma": "measures.llc_gamma",
+              "nbeta": "measures.llc_nbeta"}
 
 
 def llc_settings(cfg: MeasuresConfig, batch_size: int) -> LLCSettings:
@@ -206,7 +204,7 @@ class Measures:
             # ff1 (a feed-forward layer in block 1): the bigram memory, over every token but the fixed triggers
             ff1 = None if trig is None else np.setdiff1d(np.arange(self.task.n_outputs), trig)
             row.update(circuits.memory_recall(host, self.model.consts, self.task.n_outputs, triggers=trig,
-                                              bigram=tables.get("bigram"), ff1_tokens=ff1,
+                                              bigram=tables.get("bigram_law"), ff1_tokens=ff1,
                                               act_fn=self.model.cfg.act_fn))
         return row
 

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lab.errors import check
+
 SAMPLERS = ("sgld", "rmsprop_sgld")
 
 
@@ -60,6 +62,18 @@ class LLCSettings:
     @property
     def draws(self) -> int:
         return self.steps - self.burn_in
+
+    def validate(self, names: dict[str, str]) -> None:
+        """Check every setting; ``names`` says how the one-line error names each (``measures.llc_chains`` in a
+        config, ``--chains`` on ``lab llc``'s command line)."""
+        check(self.sampler in SAMPLERS, names["sampler"], self.sampler, f"one of {', '.join(SAMPLERS)}")
+        check(self.chains >= 1, names["chains"], self.chains, "must be >= 1")
+        check(self.steps >= 4, names["steps"], self.steps, "must be >= 4")
+        check(0 <= self.burn_in < self.steps, names["burn_in"], self.burn_in,
+              f"must be in [0, {names['steps']}={self.steps})")
+        check(self.eps > 0, names["eps"], self.eps, "must be > 0")
+        check(self.nbeta > 0, names["nbeta"], self.nbeta, "must be > 0")
+        check(self.gamma >= 0, names["gamma"], self.gamma, "must be >= 0")
 
 
 def map_chains(f, xs):

@@ -86,7 +86,7 @@ class Task:
 
     def memory_tables(self) -> dict:
         """What Bietti's associative-memory probes (the ``memory_recall`` measure) read from the task: the fixed
-        ``triggers`` (ids) where the task has them, and the ``bigram`` law [V, V] that ff1 stores; {} if none."""
+        ``triggers`` (ids) where the task has them, and the ``bigram_law`` [V, V] that ff1 stores; {} if none."""
         return {}
 
     # Config fields the training sampler can take as traced numbers (``sample(..., data={field: x})``),

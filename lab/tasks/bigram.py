@@ -212,7 +212,7 @@ class BigramTask(Task):
     def memory_tables(self) -> dict:
         """The bigram law ff1 stores, and the fixed triggers when they are fixed (the authors' wk1 runs over
         those)."""
-        out = {"bigram": np.asarray(self.pi_b)}
+        out = {"bigram_law": np.asarray(self.pi_b)}
         if self.cfg.trigger_mode == "frequent":
             out["triggers"] = np.asarray(self.frequent_triggers)
         return out
