@@ -110,7 +110,7 @@ def bench_clamps(seconds: float) -> dict:
 
 def fit(tr: Runs):
     """A whole run of ``tr`` from step 0, through the lab's host loop, its rows kept nowhere."""
-    return drive(tr, tr.init_state(), [Sink(tr.cfg.cadence)])
+    return drive(tr, tr.init_state(), [Sink(tr.cfg.cadence)], tr.plan)
 
 
 def bench_logging() -> dict:

@@ -59,6 +59,7 @@ PATTERN_VALUES = ("previous_token", "induction", "uniform", "self", "first", "pe
 POSITION_WORDS = ("all", "last", "query", "labels", "items")
 # residual-width sites, the split inputs ([pos, head, d_model]) included: where previous_embed can go
 RESIDUAL_WIDE = ("hook_attn_out", "hook_resid_pre", "hook_resid_post", "hook_q_input", "hook_k_input", "hook_v_input")
+plugins.clamp_values.reserve(VALUES)  # a plug-in named like one of these would never be called
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lab import plugins
@@ -72,6 +73,8 @@ class Config:
         for name in self.evaluators:
             check(name in plugins.evaluators, "evaluators", list(self.evaluators),
                   f"registered evaluators: {', '.join(plugins.evaluators.names()) or 'none'}")
+        check(len(set(self.evaluators)) == len(self.evaluators), "evaluators", list(self.evaluators),
+              "each evaluator once")
         for name, values in self.task_values.items():
             check(name in fields, f"task_values.{name}", values,
                   f"a data field of task {self.task.name}: {', '.join(fields) or 'it has none'}")
@@ -168,16 +171,37 @@ def _chosen(overrides, group: str) -> bool:
     return any(o.lstrip("+~").partition("=")[0] == group for o in overrides)
 
 
-def search_path_overrides(overrides) -> list[str]:
-    """The overrides as Hydra composes them: a task chosen without an experiment trains with the lab's
-    default model, optimiser and trainer (``experiment=none``), not the demo's settings, which are made for
-    the demo's task; plug-ins' config folders go on the search path."""
+def with_experiment(overrides, default: str = "none") -> list[str]:
+    """The overrides with an experiment chosen: a task chosen without one trains with the lab's default model,
+    optimiser and trainer (``experiment=none``), not the demo's settings, which are made for the demo's task.
+    (Runs recorded before this rule composed such overrides with the demo: ``default="demo"`` re-composes
+    them as they were.)"""
     out = list(overrides)
     if _chosen(out, "task") and not _chosen(out, "experiment"):
-        out = ["experiment=none", *out]
-    extra = plugins.all_config_dirs()[1:]
+        out = [f"experiment={default}", *out]
+    return out
+
+
+def _quoted(text: str) -> str:
+    """A string as Hydra's override grammar reads it back verbatim (commas, brackets, quotes, any letter)."""
+    return "'" + text.replace("'", "\\'") + "'"  # a backslash is literal unless it precedes a quote
+
+
+def search_path_overrides(overrides) -> list[str]:
+    """The overrides as Hydra composes them: an experiment chosen (``with_experiment``), and plug-ins' config
+    folders on the search path, after any the user put there with ``hydra.searchpath=[...]``."""
+    out = with_experiment(overrides)
+    extra = [f"file://{d}" for d in plugins.all_config_dirs()[1:]]
     if extra:
-        out.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
+        given = [o for o in out if o.partition("=")[0] == "hydra.searchpath"]
+        mine = []
+        if given:
+            try:
+                mine = list(OverridesParser.create().parse_override(given[-1]).value())
+            except Exception as e:  # hydra's grammar errors span lines
+                raise LabError(f"{given[-1]}: {one_line(e)}") from None
+        out = [o for o in out if o not in given]
+        out.append("hydra.searchpath=[" + ",".join(_quoted(str(p)) for p in [*mine, *extra]) + "]")
     return out
 
 

@@ -25,12 +25,14 @@ fork or resume in an environment without it says which package to install.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import import_module
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, packages_distributions
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +107,26 @@ class Registry:
     def __init__(self, kind: str, field: str):
         self.kind, self.field = kind, field  # field: how a config names one (in error lines)
         self._entries: dict[str, Any] = {}
+        self._reserved: set[str] = set()  # names of the lab's own that are not entries (built into their module)
+
+    def reserve(self, names) -> None:
+        """Names the lab uses for its own (built-in measures, clamp values with machinery of their own, auto)."""
+        self._reserved |= set(names)
 
     def add(self, entry) -> None:
+        load()  # the lab's own names first, so that a plug-in cannot shadow one
+        self._refuse_reserved(entry)
         old = self._entries.get(entry.name)
-        if old is not None and old.package != entry.package:
+        if old is not None and old.package != entry.package and not _same(old, entry):
             raise PluginError(f"{self.kind} {entry.name!r} (package {entry.package}): the name is taken by package "
                               f"{old.package}; choose another name")
-        self._entries[entry.name] = entry  # the same package again (a module re-run in a notebook): replaced
+        # the same package again (a module re-run in a notebook), or the very same objects: replaced
+        self._entries[entry.name] = entry if old is None or old.package == entry.package else old
+
+    def _refuse_reserved(self, entry) -> None:
+        if entry.name in self._reserved:
+            raise PluginError(f"{self.kind} {entry.name!r} (package {entry.package}): the name is the lab's own; "
+                              "choose another name")
 
     def __contains__(self, name) -> bool:
         load()
@@ -153,8 +168,15 @@ clamp_values = Registry("clamp value", "value")
 evaluators = Registry("evaluator", "evaluators")
 config_dirs: list[Path] = []  # plug-ins' config folders, searched after the lab's configs/
 
-_loaded = False
+_loaded = False  # every entry point has loaded (a failure leaves it False: the next lookup says it again)
+_busy = False  # loading now (registrations made meanwhile need not wait for it)
 _loading: list[str] = []  # the distribution whose entry point is registering, while it runs
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what a config override can spell
+
+
+def _same(a, b) -> bool:
+    """The same plug-in registered twice (through its entry point and by importing it): same objects."""
+    return dataclasses.replace(a, package="") == dataclasses.replace(b, package="")
 
 
 # ---- registration ------------------------------------------------------------------------------------
@@ -163,12 +185,20 @@ def _package(obj) -> str:
     that defines it (``lab`` for the lab's own)."""
     if _loading:
         return _loading[-1]
-    return (getattr(obj, "__module__", None) or "__main__").split(".")[0]
+    top = (getattr(obj, "__module__", None) or "__main__").split(".")[0]
+    if top == BUILTIN:
+        return BUILTIN
+    return _distributions().get(top, [top])[0]  # an installed package by its distribution's name
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    return packages_distributions()
 
 
 def _check_name(kind: str, name) -> None:
-    if not (isinstance(name, str) and name.isidentifier()):
-        raise PluginError(f"{kind} {name!r}: a name must be a Python identifier (letters, digits, _)")
+    if not (isinstance(name, str) and NAME.fullmatch(name)):
+        raise PluginError(f"{kind} {name!r}: a name must be a Python identifier in ASCII (letters, digits, _)")
 
 
 def _check_callable(kind: str, name: str, fn, what: str, n_args: int) -> None:
@@ -284,26 +314,33 @@ def all_config_dirs() -> list[Path]:
 # ---- loading ------------------------------------------------------------------------------------------
 def load() -> None:
     """Register the lab's own entries and every installed package's entry points (once per process)."""
-    global _loaded
-    if _loaded:
+    global _loaded, _busy
+    if _loaded or _busy:
         return
-    _loaded = True
-    # the lab's modules register their entries on import; they import this module, so this one imports
-    # them here rather than at its top
-    for module in ("lab.tasks", "lab.clamp", "lab.measures"):
-        import_module(module)
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        dist = ep.dist.name if ep.dist is not None else ep.value.split(":")[0].split(".")[0]
-        _loading.append(dist)
-        try:
-            ep.load()()
-        except PluginError:
-            raise
-        except Exception as e:
-            raise PluginError(f"plug-in {ep.name} ({ep.value}, package {dist}) failed to load: "
-                              f"{type(e).__name__}: {e}") from e
-        finally:
-            _loading.pop()
+    _busy = True
+    try:
+        # the lab's modules register their entries on import; they import this module, so this one imports
+        # them here rather than at its top
+        for module in ("lab.tasks", "lab.clamp", "lab.measures"):
+            import_module(module)
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else ep.value.split(":")[0].split(".")[0]
+            _loading.append(dist)
+            try:
+                ep.load()()
+            except PluginError:
+                raise
+            except Exception as e:
+                raise PluginError(f"plug-in {ep.name} ({ep.value}, package {dist}) failed to load: "
+                                  f"{type(e).__name__}: {e}") from e
+            finally:
+                _loading.pop()
+        for registry in (tasks, measures, clamp_values, evaluators):  # a name registered before its module
+            for entry in registry._entries.values():  # reserved it (an import cycle's order) is caught here
+                registry._refuse_reserved(entry)
+        _loaded = True
+    finally:
+        _busy = False
 
 
 # ---- what a run uses --------------------------------------------------------------------------------
@@ -320,7 +357,12 @@ def used_by(cfg) -> dict[str, dict[str, str]]:
     note("task", tasks, cfg.task.name)
     for spec in [*cfg.clamps.values(), *cfg.measures.clamps.values()]:
         note("clamp_value", clamp_values, spec.value)
-    for n in cfg.measures.names:
+    names = list(cfg.measures.names)
+    if "auto" in names:  # what auto adds: the task's own measures and those registered auto=True
+        task = tasks.get(cfg.task.name)
+        names += [*(task.task.auto_measures if task is not None else ()), *(m.name for m in measures.values()
+                                                                             if m.auto)]
+    for n in names:
         note("measure", measures, n)
     for n in cfg.evaluators:
         note("evaluator", evaluators, n)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lab import plugins
 from lab.checkpoint import Checkpointer, CheckpointReadError
-from lab.config import compose, from_yaml, to_config
+from lab.config import compose, from_yaml, to_config, with_experiment
 from lab.errors import LabError
 from lab.state import TrainState
 
@@ -117,7 +117,8 @@ def create(run_dir: Path, node: DictConfig, overrides: list[str] | None, extra: 
     lock(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(node, resolve=True))
     used = plugins.used_by(to_config(node, validate=False))
-    (run_dir / "overrides.json").write_text(json.dumps({"overrides": list(overrides or []), **(extra or {}),
+    overrides = with_experiment(overrides or [])  # as composed: re-composing them later gives this run again
+    (run_dir / "overrides.json").write_text(json.dumps({"overrides": overrides, **(extra or {}),
                                                         **({"plugins": used} if used else {})}))
 
 
@@ -141,8 +142,10 @@ def provenance(run_dir: Path) -> dict:
 
 
 def run_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides a run was composed from; a run recorded before a task chosen without an experiment meant
+    ``experiment=none`` (its overrides name no experiment) was composed with the demo's, and gets it back."""
     saved = provenance(run_dir)
-    return saved["overrides"] if "overrides" in saved else None
+    return with_experiment(saved["overrides"], default="demo") if "overrides" in saved else None
 
 
 def load_run_config(run_dir: Path, extra: list[str] = ()):

@@ -12,7 +12,9 @@ The trainer holds R runs stacked on a leading axis (R = 1 for a single run); a c
 Each field says, in its one line, what it is: ``saved`` (a run's own: checkpointed, restored, forked; every
 run has it), ``saved_if_any`` (a run's own where it needs one: None otherwise) or ``program`` (what the runs
 of one program hold as data to differ in: dropped from a run's own state). ``saved()``, ``from_saved``, the
-restore path (lab.rundir) and ``run_state`` (lab.trainer) read these lists, so a new field is one line here.
+restore path (lab.rundir) and ``run_state`` (lab.runs) read these lists, so a new field is one line here (plus
+its value at step 0 in ``Runs.init_run_state``, and for a saved_if_any field what a fork from a parent without
+it starts from, as lab.rundir.restore_state does for ``frozen``).
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ def _runs_of(job_dir: Path) -> list[Path]:
 
 def default_sweep_dir(overrides: list[str]) -> Path:
     """A stable directory per sweep command, so rerunning the command finds its finished jobs."""
-    exp = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "demo")
+    exp = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")),
+               next((o.split("=", 1)[1] for o in overrides if o.startswith("task=")), "demo"))
     digest = hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
     return Path("runs") / "sweeps" / f"{exp}-{digest}"
 

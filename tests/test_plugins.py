@@ -40,7 +40,12 @@ def test_the_example_package_is_found_through_its_entry_point():
         *plugins.measures.names(), *plugins.clamp_values.names(), *plugins.evaluators.names()}
     assert plugins.tasks["repeat"].package == "lab"  # the lab's own go through the same registry
     cfg, _ = load_config(["task=noisy_copy", "task.noise=0.5"])  # no experiment: the lab's defaults
-    assert cfg.experiment == "noisy_copy" and cfg.task.noise == 0.5 and cfg.model.n_layers == 2
+    assert cfg.experiment == "noisy_copy" and cfg.task.noise == 0.5  # runs/noisy_copy/...
+    assert (cfg.model.d_model, cfg.model.n_heads) == (64, 8)  # the lab's default model, not the demo's (32, 1)
+    import noisy_copy
+
+    noisy_copy.register()  # the same package registered again from Python: the same plug-ins, no clash
+    assert plugins.tasks["noisy_copy"].package == "lab-noisy-copy"
 
 
 def test_the_example_task_corrupts_only_the_second_copy_and_masks_clean_pairs():
@@ -230,8 +235,11 @@ BAD = [  # (what, args, words the one line must hold)
     ("measure", ("m1", lambda params: 0.0), "fn must take 3 positional arguments"),
     ("measure", ("m2", 3.0), "fn must be a function"),
     ("clamp_value", ("c1", lambda x, i: x), None),  # fine
-    ("clamp_value", ("c2", lambda x, i: x, ), None),
     ("clamp_value", ("c3", lambda x: x), "fn must take 2 positional arguments"),
+    ("clamp_value", ("ablate", lambda x, i: x), "the name is the lab's own"),  # built into lab/clamp.py
+    ("measure", ("prev_token", lambda p, m, t: 0.0), "the name is the lab's own"),  # built into lab/measures
+    ("measure", ("auto", lambda p, m, t: 0.0), "the name is the lab's own"),
+    ("task", ("café", FlipConfig, FlipTask), "a name must be a Python identifier in ASCII"),
     ("evaluator", ("e1", lambda task: {}, ), None),
     ("evaluator", ("e2", lambda: {}), "build must take 1 positional arguments"),
 ]
@@ -239,13 +247,18 @@ BAD = [  # (what, args, words the one line must hold)
 
 @pytest.mark.parametrize("kind,args,words", BAD, ids=[f"{k}-{a[0]}" for k, a, _ in BAD])
 def test_bad_plugins_are_refused_in_one_line_naming_the_plugin(kind, args, words):
+    registry = {"task": plugins.tasks, "measure": plugins.measures, "clamp_value": plugins.clamp_values,
+                "evaluator": plugins.evaluators}[kind]
     if words is None:
         _register(kind, *args)
+        assert registry[args[0]].package == __name__.split(".")[0]
         return
+    before = registry.get(args[0])
     with pytest.raises(LabError) as e:
         _register(kind, *args)
     msg = str(e.value)
     assert "\n" not in msg and repr(args[0]) in msg and words in msg, msg
+    assert registry.get(args[0]) is before  # nothing registered, nothing replaced
 
 
 def test_a_clamp_value_outside_its_sites_and_a_wrong_shape_are_refused():
@@ -304,3 +317,53 @@ def test_a_plugin_run_killed_with_sigkill_resumes_to_the_uninterrupted_run(tmp_p
     a, b = lab.load(ref), lab.load(victim)
     for x, y in zip(jax.tree_util.tree_leaves(a.params(400)), jax.tree_util.tree_leaves(b.params(400)), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_what_a_run_records_of_its_plugins():
+    """Only plug-ins from outside the lab are recorded, including the measures `auto` adds."""
+    zero = "+clamps.z={site: blocks.0.attn.hook_z, value: zero}"
+    assert plugins.used_by(load_config([zero])[0]) == {}  # the lab's own clamp value: nothing to install
+    lab.register_measure("auto_probe", lambda p, m, t: 0.0, auto=True)
+    try:
+        got = plugins.used_by(load_config(["+clamps.r={site: blocks.0.attn.hook_z, value: resample}"])[0])
+        here = __name__.split(".")[0]
+        assert got == {"clamp_value": {"resample": "lab-noisy-copy"}, "measure": {"auto_probe": here}}
+    finally:
+        plugins.measures._entries.pop("auto_probe")  # an auto measure would join every later test's runs
+
+
+def test_a_run_recorded_before_experiment_none_recomposes_as_it_was(tmp_path):
+    """`task=repeat` without an experiment meant the demo's settings before experiment=none existed; a run
+    recorded then names no experiment, and re-composes with the demo's; a run recorded now names its own."""
+    from lab.rundir import run_overrides
+
+    (tmp_path / "overrides.json").write_text(json.dumps({"overrides": ["task=repeat", "seed=3"]}))
+    assert run_overrides(tmp_path) == ["experiment=demo", "task=repeat", "seed=3"]
+    cfg, node = load_config(["task=repeat", "trainer.steps=2"])
+    from lab.rundir import create, unlock
+
+    create(tmp_path / "new", node, ["task=repeat", "trainer.steps=2"])
+    unlock(tmp_path / "new")
+    assert run_overrides(tmp_path / "new")[0] == "experiment=none"
+
+
+def test_plugin_config_folders_with_any_characters_are_found(tmp_path):
+    folder = tmp_path / "my plug, o'clock (é) [1]=#"
+    (folder / "experiment").mkdir(parents=True)
+    (folder / "experiment" / "odd_place.yaml").write_text("# @package _global_\nexperiment: odd_place\nseed: 7\n")
+    lab.register_configs(folder)
+    cfg, _ = load_config(["experiment=odd_place", f"hydra.searchpath=[file://{tmp_path}]"])
+    assert cfg.experiment == "odd_place" and cfg.seed == 7
+
+
+def test_an_evaluator_of_the_wrong_length_or_twice_is_refused():
+    from lab.runs import Runs
+
+    lab.register_evaluator("too_short", lambda task: {"tokens": jnp.zeros((4, 3), jnp.int32),
+                                                      "targets": jnp.zeros((4, 3), jnp.int32),
+                                                      "loss_mask": jnp.ones((4, 3))})
+    with pytest.raises(LabError, match=r"evaluators: too_short \(package .*\) must build a batch with tokens "
+                                       r"\[n, 16\].*its tokens are \[4, 3\]"):
+        Runs(load_config([*TINY, "evaluators=[too_short]"])[0])
+    with pytest.raises(LabError, match=r"evaluators=\['repeated_tokens', 'repeated_tokens'\]: each evaluator once"):
+        load_config([*TINY, "evaluators=[repeated_tokens,repeated_tokens]"])

@@ -39,6 +39,7 @@ ATTENTION = {
 WEIGHTS = ("copying", "composition", "param_norm", "memory_recall")
 SLOW = ("llc",)  # never in `auto`: ask for it by name
 ALL = tuple(ATTENTION) + WEIGHTS + SLOW
+plugins.measures.reserve((*ALL, "auto", "none"))  # a plug-in named like one of these would never be called
 
 
 @dataclass
@@ -65,6 +66,8 @@ class MeasuresConfig:
             check(n in ALL or n in ("auto", "none") or n in plugins.measures, "measures.names", list(self.names),
                   f"each one of auto, none, {', '.join((*ALL, *plugins.measures.names()))}")
         check(self.probe_size >= 1, "measures.probe_size", self.probe_size, "must be >= 1")
+        check(self.llc_nbeta is None or self.llc_nbeta > 0, "measures.llc_nbeta", self.llc_nbeta,
+              "must be > 0 or null (devinterp's default)")
         llc_settings(self, 1).validate(LLC_FIELDS)  # the same checks as `lab llc`'s flags, named as config fields
 
 
