@@ -228,11 +228,12 @@ def _run_rows(groups) -> list[list]:
             s = d["summary"]
             main = main_transition(s.get("phase", {}).get("transitions") or [])
             circuit = (s.get("circuit") or {}).get("line", "—")
-            rows.append([label, s.get("seed"), main and main["mid"], circuit, str(d["dir"])])
+            as_trained = (s.get("circuit_as_trained") or {}).get("line", "— (no clamps)")
+            rows.append([label, s.get("seed"), main and main["mid"], circuit, as_trained, str(d["dir"])])
     return rows
 
 
-RUN_KEYS = ["condition", "seed", "transition mid (step)", "circuit", "run"]
+RUN_KEYS = ["condition", "seed", "transition mid (step)", "circuit (without clamps)", "circuit (as trained)", "run"]
 
 
 def _html(parts, groups, strips) -> str:
@@ -329,7 +330,10 @@ def show(run_dir: str | Path) -> str:
         keys = [k for k in fin if k.endswith(("loss", "acc"))][:10]
         lines.append("  final: " + ", ".join(f"{k}={fin[k]:.3f}" for k in keys))
         if s.get("circuit"):
-            lines.append("  " + s["circuit"]["line"])
+            clamped = s.get("circuit_as_trained")
+            lines.append("  " + ("without clamps: " if clamped else "") + s["circuit"]["line"])
+            if clamped:
+                lines.append("  " + clamped["line"])
         lines.append(f"  checkpoints: {s.get('checkpoints')}")
     files = sorted(p.name + ("/" if p.is_dir() else "") for p in run.iterdir())
     lines.append("  files: " + " ".join(files))

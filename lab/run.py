@@ -30,7 +30,7 @@ from lab.measures.phase import detect_transitions, first_crossing, main_transiti
 from lab.measures.phase import flat as phase_flat
 from lab.pictures import AttentionPictures
 from lab.plots import plot_curves
-from lab.runs import Runs
+from lab.runs import Runs, make_clamps
 from lab.state import TrainState
 from lab.tasks import make_task
 from lab.tracking import Tracker, read_metrics, wandb_id
@@ -103,12 +103,14 @@ class RunSink(Sink):
     def finish(self, watch: str, wall: float, start_step: int, circuit_at: Callable[[dict], dict | None],
                batched: int) -> dict:
         """Write summary.json and curves.png from the run's metrics (``circuit_at(final row)``: the circuit
-        summary at the final parameters, or None); returns the summary."""
+        summary's views at the final parameters, {"circuit": ..., "circuit_as_trained": ...} for a run with
+        clamps, or {}); returns the summary."""
         c = self.cfg
         rows = read_metrics(self.dir / "metrics.jsonl")
         phase = transitions_of(rows, watch, c.watch_threshold)
         final = {k: v for k, v in rows[-1].items() if not k.startswith("perf/")} if rows else {}
-        circuit = circuit_at(final)
+        views = circuit_at(final)
+        circuit = views.get("circuit")
         summary = {
             "experiment": c.experiment, "condition": self.condition, "seed": c.seed,
             "task": c.task.name, "steps": c.trainer.steps, "batch_size": c.trainer.batch_size,
@@ -116,8 +118,7 @@ class RunSink(Sink):
             "wall_time_s": wall, "steps_per_sec": (c.trainer.steps - start_step) / wall,
             "final": final, "phase": phase, "checkpoints": self.checkpointer.steps(), "versions": versions(),
         }
-        if circuit is not None:
-            summary["circuit"] = circuit
+        summary.update(views)  # circuit (the model without clamps); circuit_as_trained (with the run's clamps)
         if batched > 1:
             summary["batched_runs"] = batched
         saved = rundir.provenance(self.dir)
@@ -126,7 +127,8 @@ class RunSink(Sink):
                 summary[k] = saved[k]
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(rows, self.dir / "curves.png", title=f"{c.experiment} ({c.task.name}, seed {c.seed})",
-                    watch=watch, transitions=phase["transitions"], note=circuit and circuit["line"])
+                    watch=watch, transitions=phase["transitions"],
+                    note=circuit and " | ".join(v["line"] for v in views.values()))
         if rows:
             self.tracker.image("curves", self.dir / "curves.png", rows[-1]["step"])
         # the wandb summary holds summary.json's essentials, so the UI can tabulate "condition -> phase-change
@@ -134,7 +136,7 @@ class RunSink(Sink):
         self.tracker.summary({"experiment": c.experiment, "condition": self.condition, "seed": c.seed,
                               "sequences_seen": c.trainer.steps * c.trainer.batch_size, "wall_time_s": wall,
                               "steps_per_sec": summary["steps_per_sec"], **phase_flat(phase),
-                              **(circuit_flat(circuit) if circuit else {})})
+                              **{k: v for name, view in views.items() for k, v in circuit_flat(view, name).items()}})
         return summary
 
 
@@ -191,27 +193,39 @@ def execute(trainer: Runs, sinks: list[RunSink], state: TrainState, quiet: bool 
 
 
 class CircuitSummaries:
-    """Each run's circuit summary at its final parameters (None where the task has none or it is off), with
-    the run's own task (batched runs may differ in its data fields); one summariser per distinct task."""
+    """Each run's circuit summary at its final parameters ({} where the task has none or it is off), with the
+    run's own task (batched runs may differ in its data fields): ``circuit``, the model without clamps, and
+    for a run with clamps ``circuit_as_trained``, with its own clamps acting as at its last step. One
+    summariser per distinct task (and clamp condition)."""
 
     def __init__(self, trainer: Runs, state: TrainState):
         self.trainer, self.state, self.built = trainer, state, {}
 
-    def __call__(self, i: int, final: dict) -> dict | None:
+    def __call__(self, i: int, final: dict) -> dict:
         tr = self.trainer
         c = tr.cfgs[i]
         if not (tr.task.mechanism_metric and c.measures.circuit):
-            return None
+            return {}
         key = repr(c.task)
         if key not in self.built:
             # the trainer's task is cfgs[0]'s: a batched run whose task differs in data fields gets its own
             self.built[key] = CircuitSummary(tr.model, tr.task if c.task == tr.cfg.task else make_task(c.task))
-        return self.built[key](tr.run_state(self.state, i).params, final)
+        own = tr.run_state(self.state, i)
+        views = {"circuit": self.built[key](own.params, final)}
+        if c.clamps:
+            task = self.built[key].task
+            step = int(own.step)
+            clamped = CircuitSummary(tr.model, task, clamps=make_clamps(c.clamps, tr.model, task), step=step,
+                                     frozen=own.frozen)
+            views["circuit_as_trained"] = clamped(own.params, final)
+        return views
 
 
-def circuit_flat(circuit: dict) -> dict:
-    return {**flat(circuit), "circuit/line": circuit["line"], "circuit/induction_head": circuit["induction_head"],
-            "circuit/prev_token_head": circuit["prev_token_head"]}
+def circuit_flat(circuit: dict, prefix: str = "circuit") -> dict:
+    """A view's essentials as flat wandb summary keys ``<prefix>/...``."""
+    return {**flat(circuit, f"{prefix}/"), f"{prefix}/line": circuit["line"],
+            f"{prefix}/induction_head": circuit["induction_head"],
+            f"{prefix}/prev_token_head": circuit["prev_token_head"]}
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:
@@ -236,6 +250,9 @@ def format_summary(summary: dict, run_dir: Path) -> str:
         lines.append(f"{ph['metric']} first below {ph['threshold']:.4f} at step "
                      f"{'never' if fb is None else int(fb)}")
     if summary.get("circuit"):
-        lines.append(summary["circuit"]["line"])
+        clamped = summary.get("circuit_as_trained")
+        lines.append(("without clamps: " if clamped else "") + summary["circuit"]["line"])
+        if clamped:
+            lines.append(clamped["line"])
     lines.append(f"run directory: {run_dir}  (curves.png, metrics.jsonl, summary.json, checkpoints/, wandb/)")
     return "\n".join(lines)

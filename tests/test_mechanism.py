@@ -48,6 +48,7 @@ def test_the_old_fixed_offset_layout_is_flagged_as_a_shortcut(tmp_path):
     assert c["heldout_loss"] > c["trained_loss"] + 2.0
     failed = [k for k, ok in c["checks"].items() if not ok]
     assert any(k.startswith("heldout/repeated_loss within") for k in failed)
+    assert any(f.startswith("heldout/repeated_loss is ") for f in c["failed"])  # worded as what was found
 
 
 def test_the_demo_grows_a_previous_token_head_and_an_induction_head_that_generalise(tmp_path):
@@ -61,3 +62,28 @@ def test_the_demo_grows_a_previous_token_head_and_an_induction_head_that_general
     assert c["ablation"][c["induction_head"]] > 3.0 and c["ablation_induction_heads"] > 3.0  # several nats without it
     assert c["induction_heads"] == ["L1H0"] and c["prev_token_heads"] == ["L0H0"]
     assert c["is_induction_circuit"] and c["line"].startswith("induction circuit: L0H0")
+
+
+def test_a_clamped_run_is_summarised_as_trained_and_without_its_clamps(tmp_path):
+    """A short run with a perfect previous-token pattern clamped on L0H1: as trained, that head is a
+    previous-token head (score ~1) and is named as clamped; without the clamps its own pattern is summarised
+    (a 40-step model has no previous-token head of its own). A failed check reads as what was found."""
+    from tests.conftest import TINY
+
+    clamp = "+clamps.pt={site: blocks.0.attn.hook_pattern, heads: [1], value: previous_token}"
+    s = _train([*[o for o in TINY if not o.startswith(("measures.", "checkpoint."))], clamp, "trainer.steps=40",
+                "measures.circuit=true"], tmp_path, "clamped")
+    free, trained = s["circuit"], s["circuit_as_trained"]
+    assert trained["clamped"] == ["L0H1 (hook_pattern: previous_token)"] and "clamped" not in free
+    assert trained["prev_token_by_head"]["L0H1"] > 0.95  # the clamp's pattern, as the run trained with it
+    assert free["prev_token_by_head"]["L0H1"] < 0.5  # the head's own pattern
+    assert trained["line"].startswith("as trained (clamped: L0H1 (hook_pattern: previous_token)): ")
+    assert not free["line"].startswith("as trained")
+    for view in (free, trained):  # every failed check is a finding, not the criterion it failed
+        assert view["failed"] and all("(it is" not in f and ">= 0.3 (best" not in f for f in view["failed"])
+        assert view["line"].endswith("; ".join(view["failed"])) or view["is_induction_circuit"]
+    # lab show prints both
+    from lab.comparison import show
+
+    text = show(tmp_path / "clamped")
+    assert "without clamps: " + free["line"] in text and trained["line"] in text

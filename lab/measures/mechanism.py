@@ -23,8 +23,11 @@ And, where the task has held-out layouts, generalisation: the held-out repeated 
 trained one. The verdict is "induction circuit" only when every check passes (thresholds below, and
 the task's ``mechanism_min_effect``); otherwise the summary names the checks that failed.
 
-The model is summarised as it is, without the run's clamps: what it learnt, not what a clamp made it
-do.
+Two views. Without clamps (``summary.json`` -> ``circuit``): the model as it is, what it learnt. As trained
+(``circuit_as_trained``, for a run with clamps): the same checks with the run's own clamps acting as they
+do at its last step (``CircuitSummary(..., clamps=...)``): the circuit the run trained with, e.g. a clamped
+previous-token head feeding a learnt layer-1 induction head; the clamped heads are named. A failed check is
+worded as what was found ("the top prefix-matching head, L0H2, is in layer 0").
 """
 
 from __future__ import annotations
@@ -70,10 +73,13 @@ def random_k_composition(d_model: int, d_head: int, trials: int = 32, seed: int 
 
 
 class CircuitSummary:
-    """The circuit summary of one model on one task; ``__call__(params)`` gives a dict (see ``summarise``)."""
+    """The circuit summary of one model on one task; ``__call__(params)`` gives a dict (see ``summarise``).
+    ``clamps`` (a lab.clamp.ClampSet; with ``step`` and a frozen clamp's ``frozen`` snapshots): every forward
+    pass of the summary runs with them, as at that training step (the as-trained view)."""
 
-    def __init__(self, model, task):
+    def __init__(self, model, task, clamps=None, step: int = 0, frozen: dict | None = None):
         self.model, self.task = model, task
+        self.clamps, self.step, self.frozen = (clamps or None), step, frozen
         self.n_layers, self.n_heads = model.cfg.n_layers, model.cfg.n_heads
         self.metric = task.mechanism_metric
         self.evaluator, self.metric_key = self.metric.split("/", 1)
@@ -92,10 +98,35 @@ class CircuitSummary:
         self._scores = jax.jit(self._attention_scores)
         self._ablated = jax.jit(self._ablated_metric)
 
+    def _hooks(self, params, batch, capture=(), ablate: dict | None = None) -> Hooks:
+        """The hooks of one of the summary's passes: the clamps (if any) as at ``step``, then ``ablate``'s
+        interventions on top of theirs at the same sites."""
+        hooks = (self.clamps.hooks(params, batch, self.step, self.frozen, training=True, capture=capture)
+                 if self.clamps else Hooks(capture=capture))
+        for site, fn in (ablate or {}).items():
+            before = hooks.interventions.get(site)
+            hooks.interventions[site] = fn if before is None else (lambda v, f=fn, b=before: f(b(v)))
+        return hooks
+
+    def _cache(self, params, batch, sites):
+        hooks = self._hooks(params, batch, capture=sites)
+        self.model.apply(params, batch, hooks)
+        return hooks.cache
+
+    def clamped_heads(self) -> list[str]:
+        """The heads (or sites without a head axis) the clamps act on, as 'L0H2 (hook_pattern: previous_token)'."""
+        out = []
+        for cl in (self.clamps.clamps if self.clamps else []):
+            kind = cl.site.rsplit(".", 1)[-1]
+            where = ([head_name(cl.layer, h) for h in cl.c.heads] if cl.c.heads is not None and cl.layer is not None
+                     else [f"L{cl.layer}" if cl.layer is not None else cl.site])
+            out += [f"{w} ({kind}: {cl.c.value})" for w in where]
+        return list(dict.fromkeys(out))
+
     def _attention_scores(self, params):
         sites = [f"blocks.{layer}.attn.hook_pattern" for layer in range(self.n_layers)]
-        _, cache = self.model.run_with_cache(params, self.probe, sites)
-        _, tcache = self.model.run_with_cache(params, self.token_probe, sites)
+        cache = self._cache(params, self.probe, sites)
+        tcache = self._cache(params, self.token_probe, sites)
         prev = jnp.stack([att.previous_token_score(cache[s], where=self.prev_where) for s in sites])  # [layer, head]
         pm = jnp.stack([att.prefix_matching_score(tcache[s], self.token_probe, where=self.ind_where) for s in sites])
         return prev, pm
@@ -103,7 +134,7 @@ class CircuitSummary:
     def _ablated_metric(self, params, keep):
         """The mechanism metric with the values of the heads where ``keep`` [layer, head] is 0 set to zero
         (one program for every choice of heads: ``keep`` is data)."""
-        hooks = Hooks(interventions={
+        hooks = self._hooks(params, self.batch, ablate={
             f"blocks.{layer}.attn.hook_v": (lambda v, layer=layer: v * keep[layer][None, None, :, None])
             for layer in range(self.n_layers)})
         logits = self.model.apply(params, self.batch, hooks)
@@ -149,13 +180,22 @@ def summarise(cs: CircuitSummary, params, metrics: dict | None = None) -> dict:
     abl_inds = cs.ablated(params, inds) - intact
     abl_prevs = cs.ablated(params, prevs) - intact
     min_effect = cs.task.mechanism_min_effect
+    # each check: (what an induction circuit needs, with what was measured) -> (it holds, what was found if not)
     checks = {
-        f"the top prefix-matching head is after layer 0 (it is {head_name(*ind)})": ind[0] >= 1,
-        f"its prefix-matching score >= {PREFIX_MATCHING_MIN} (it is {pm[ind]:.2f})": pm[ind] >= PREFIX_MATCHING_MIN,
+        f"the top prefix-matching head is after layer 0 (it is {head_name(*ind)})":
+            (ind[0] >= 1, f"the top prefix-matching head, {head_name(*ind)}, is in layer 0"),
+        f"its prefix-matching score >= {PREFIX_MATCHING_MIN} (it is {pm[ind]:.2f})":
+            (pm[ind] >= PREFIX_MATCHING_MIN, f"the top prefix-matching head, {head_name(*ind)}, scores only "
+                                             f"{pm[ind]:.2f} (an induction head: >= {PREFIX_MATCHING_MIN})"),
         f"an earlier head's previous-token score >= {PREV_TOKEN_MIN} (best {head_name(*prv)}: {prev[prv]:.2f})":
-            ind[0] >= 1 and prev[prv] >= PREV_TOKEN_MIN,
+            (ind[0] >= 1 and prev[prv] >= PREV_TOKEN_MIN,
+             f"no head before {head_name(*ind)} attends to the previous token (best {head_name(*prv)}: "
+             f"{prev[prv]:.2f}; a previous-token head: >= {PREV_TOKEN_MIN})" if ind[0] >= 1 else
+             f"no layer precedes it for a previous-token head (the best previous-token score is "
+             f"{head_name(*prv)}'s, {prev[prv]:.2f})"),
         f"ablating {_names(inds)} raises {cs.metric} by >= {min_effect:.1f} nats (it adds {abl_inds:+.2f})":
-            abl_inds >= min_effect,
+            (abl_inds >= min_effect, f"ablating {_names(inds)} adds only {abl_inds:+.2f} nats to {cs.metric} "
+                                     f"(an induction circuit's: >= {min_effect:.1f})"),
     }
     out = {
         "induction_head": head_name(*ind), "prefix_matching": float(pm[ind]),
@@ -173,15 +213,26 @@ def summarise(cs: CircuitSummary, params, metrics: dict | None = None) -> dict:
         held, trained = metrics[gap[0]], metrics[gap[1]]
         out["heldout_loss"], out["trained_loss"] = held, trained
         checks[f"{gap[0]} within {GENERALISATION_MAX:g} nat of {gap[1]} ({held:.2f} vs {trained:.2f})"] = (
-            held - trained <= GENERALISATION_MAX)
-    out["checks"] = {k: bool(v) for k, v in checks.items()}
-    out["is_induction_circuit"] = all(checks.values())
+            held - trained <= GENERALISATION_MAX,
+            f"{gap[0]} is {held - trained:.2f} nats above {gap[1]} ({held:.2f} vs {trained:.2f}; an induction "
+            f"circuit's: <= {GENERALISATION_MAX:g})")
+    out["checks"] = {k: bool(ok) for k, (ok, _) in checks.items()}
+    out["failed"] = [found for ok, found in checks.values() if not ok]
+    out["is_induction_circuit"] = all(out["checks"].values())
+    if cs.clamps:
+        out["clamped"] = cs.clamped_heads()
     out["line"] = summary_line(out)
     return out
 
 
 def summary_line(s: dict) -> str:
-    """One line: the circuit and its evidence, or what fails."""
+    """One line: the circuit and its evidence, or what was found instead; an as-trained view (``clamped``)
+    says so and names the clamped heads first."""
+    view = f"as trained (clamped: {', '.join(s['clamped'])}): " if s.get("clamped") else ""
+    return view + _verdict(s)
+
+
+def _verdict(s: dict) -> str:
     if s["is_induction_circuit"]:
         kc = f"K-composition {s['k_composition']:.2f} (random {s['k_composition_random']:.2f})"
         more = lambda names: f" (+{len(names) - 1} more)" if len(names) > 1 else ""  # noqa: E731
@@ -189,7 +240,7 @@ def summary_line(s: dict) -> str:
                 f"({s['prev_token']:.2f}) -> {s['induction_head']}{more(s['induction_heads'])} induction (prefix "
                 f"matching {s['prefix_matching']:.2f}), {kc}; ablating {','.join(s['induction_heads'])} adds "
                 f"{s['ablation_induction_heads']:+.2f} nats to {s['mechanism_metric']}")
-    failed = [k for k, ok in s["checks"].items() if not ok]
+    failed = s.get("failed") or [k for k, ok in s["checks"].items() if not ok]  # older summaries: the criteria
     return "NOT an induction circuit: " + "; ".join(failed)
 
 
