@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from lab import plugins
 from lab.clamp import ClampConfig, ClampSet
@@ -35,6 +36,7 @@ def test_the_program_imports_neither_configs_nor_run_directories():
     assert "lab.trainer" in loaded and not {"lab.config", "lab.rundir", "lab.runs"} & loaded
 
 
+@pytest.mark.slow  # two programs compiled, ~15 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_a_program_from_parts_trains_as_the_runs_layer_builds_it():
     """Parts made by hand (no Config anywhere) train bit for bit as the runs layer's program of the same
     settings: the Program is all there is to the step."""

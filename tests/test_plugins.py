@@ -168,6 +168,7 @@ def test_a_task_and_a_per_head_measure_registered_from_python_train_by_name(tmp_
         "task": {"flip_test": here}, "measure": {"head_sum": here}}
 
 
+@pytest.mark.slow  # three processes, ~15 s: in CI's slow suite, to keep `make test` inside its 10 minutes
 def test_a_run_whose_plugin_is_missing_names_the_package(tmp_path):
     """A task registered by a script is not there for a later `lab replay` in a fresh process: one line
     naming the package that registered it, exit 2."""
