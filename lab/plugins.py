@@ -114,7 +114,9 @@ class Registry:
         self._reserved |= set(names)
 
     def add(self, entry) -> None:
-        load()  # the lab's own names first, so that a plug-in cannot shadow one
+        # the lab's own names first, so that a plug-in cannot shadow one; not the entry points: a plug-in's
+        # module may be registering in the middle of its own import (e.g. unpickled in a launcher's worker)
+        _import_builtins()
         self._refuse_reserved(entry)
         old = self._entries.get(entry.name)
         if old is not None and old.package != entry.package and not _same(old, entry):
@@ -189,6 +191,14 @@ def _package(obj) -> str:
     if top == BUILTIN:
         return BUILTIN
     return _distributions().get(top, [top])[0]  # an installed package by its distribution's name
+
+
+def _import_builtins() -> None:
+    """The lab's modules register their entries (and reserve their names) on import; they import this module,
+    so this one imports them here rather than at its top. (A module in the middle of its import is returned
+    as it is: no recursion.)"""
+    for module in ("lab.tasks", "lab.clamp", "lab.measures"):
+        import_module(module)
 
 
 @functools.cache
@@ -319,10 +329,7 @@ def load() -> None:
         return
     _busy = True
     try:
-        # the lab's modules register their entries on import; they import this module, so this one imports
-        # them here rather than at its top
-        for module in ("lab.tasks", "lab.clamp", "lab.measures"):
-            import_module(module)
+        _import_builtins()
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else ep.value.split(":")[0].split(".")[0]
             _loading.append(dist)

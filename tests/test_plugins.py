@@ -368,3 +368,12 @@ def test_an_evaluator_of_the_wrong_length_or_twice_is_refused():
         Runs(load_config([*TINY, "evaluators=[too_short]"])[0])
     with pytest.raises(LabError, match=r"evaluators=\['repeated_tokens', 'repeated_tokens'\]: each evaluator once"):
         load_config([*TINY, "evaluators=[repeated_tokens,repeated_tokens]"])
+
+
+def test_importing_a_plugin_package_first_in_a_fresh_process_works():
+    """A plug-in's module imported before anything else (as a launcher's worker unpickling a job does) imports
+    the lab in the middle of its own import; the lab must not load entry points then (the module would be
+    half-initialised, without its register())."""
+    code = "import noisy_copy, lab.plugins as p; print(p.tasks['noisy_copy'].package)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "lab-noisy-copy", out.stderr[-2000:]
