@@ -110,6 +110,7 @@ def test_the_example_trains_replays_forks_and_compares_through_the_cli(tmp_path)
     assert (tmp_path / "cmp" / "report.html").is_file()
 
 
+@pytest.mark.slow  # ~14 s: in CI's slow suite (make test trains a Python-registered plug-in task below)
 def test_the_example_trains_from_python_with_its_circuit_summary(tmp_path):
     run = lab.train(*NC, "measures.circuit=true", "trainer.steps=20", f"run.dir={tmp_path / 'api'}")
     assert run.summary["task"] == "noisy_copy"
