@@ -58,6 +58,9 @@ VALUES = ("previous_embed", "previous_token", "induction", "uniform", "self", "f
 PATTERN_VALUES = ("previous_token", "induction", "uniform", "self", "first", "perfect_copy")
 POSITION_WORDS = ("all", "last", "query", "labels", "items")
 # residual-width sites, the split inputs ([pos, head, d_model]) included: where previous_embed can go
+SPLIT_INPUTS = ("hook_q_input", "hook_k_input", "hook_v_input")
+# values that act alike on every head's copy of a split input (a user's value might not: it is given every copy)
+HEAD_BLIND = ("previous_embed", "zero", "constant", "mean")
 RESIDUAL_WIDE = ("hook_attn_out", "hook_resid_pre", "hook_resid_post", "hook_q_input", "hook_k_input", "hook_v_input")
 plugins.clamp_values.reserve(VALUES)  # a plug-in named like one of these would never be called
 
@@ -215,6 +218,10 @@ class _Clamp:
         if "key" in axes:
             mask &= _expand(_positions(c.key, shape[axes["key"]], task, _field(name, "key")), axes["key"], len(shape))
         self.mask = jnp.asarray(mask)
+        # a split input clamped alike on every head (every head selected, a value that does not depend on the
+        # head) can be computed as one copy of the stream instead of n_heads (lab.hooks.Hooks.head_uniform)
+        self.head_uniform = (kind in SPLIT_INPUTS and c.value in HEAD_BLIND
+                             and bool((mask == mask[:, :1]).all()))
         w = np.array([[a, b if b >= 0 else np.iinfo(np.int32).max] for a, b in c.windows], np.int32).reshape(-1, 2)
         self.windows = jnp.asarray(w)
         self.always = len(c.windows) == 0
@@ -355,7 +362,9 @@ class ClampSet:
         if any(cl.c.value == "previous_embed" for cl in active):
             interventions.setdefault("hook_embed", []).insert(0, _store(shared, "hook_embed"))
         fns = {site: _chain(fs) for site, fs in interventions.items()}
-        return Hooks(capture=capture, interventions=fns)
+        uniform = {site for site in fns if all(cl.head_uniform for cl in active if cl.site == site)
+                   and any(cl.site == site for cl in active)}
+        return Hooks(capture=capture, interventions=fns, head_uniform=uniform)
 
     def _make(self, cl: _Clamp, batch, on, extra, t, shared, params=None):
         c = cl.c
@@ -389,6 +398,8 @@ class ClampSet:
             if c.gradient == "stop":
                 v = jax.lax.stop_gradient(v)
             mask = cl.mask[None]
+            if cl.head_uniform and x.shape[2] == 1:  # one copy for every head (Hooks.head_uniform)
+                mask = mask[:, :, :1]
             if ok is not None:
                 mask = mask & ok
             s = c.strength * on

@@ -28,12 +28,18 @@ class Hooks:
 
     capture: site names whose values go into ``self.cache``.
     interventions: site name -> function applied to the activation (a clamp, an ablation).
+    head_uniform: sites with a head axis whose interventions treat every head alike (a clamp on all heads
+    with a value that does not depend on the head): the model may hand them one copy of the activation with a
+    head axis of 1, which they broadcast. The split inputs (``blocks.L.hook_q_input`` [batch, pos, head,
+    d_model]) use it: a clamp on every head's copy then costs one copy, not n_heads.
     The cache holds the value after the intervention, as the rest of the model sees it.
     """
 
-    def __init__(self, capture: Iterable[str] = (), interventions: dict[str, Intervention] | None = None):
+    def __init__(self, capture: Iterable[str] = (), interventions: dict[str, Intervention] | None = None,
+                 head_uniform: Iterable[str] = ()):
         self.capture = frozenset(capture)
         self.interventions = dict(interventions or {})
+        self.head_uniform = frozenset(head_uniform)
         self.cache: dict[str, jax.Array] = {}
 
     def wants(self, name: str) -> bool:
@@ -41,6 +47,10 @@ class Hooks:
 
     def overwrites(self, name: str) -> bool:
         return name in self.interventions
+
+    def narrow(self, name: str) -> bool:
+        """Whether the site may be handed one head's copy: only overwritten, alike on every head."""
+        return name in self.head_uniform and name not in self.capture
 
     def __call__(self, name: str, x: jax.Array) -> jax.Array:
         fn = self.interventions.get(name)
@@ -56,6 +66,9 @@ class _NoHooks(Hooks):
         return False
 
     def overwrites(self, name: str) -> bool:
+        return False
+
+    def narrow(self, name: str) -> bool:
         return False
 
     def __call__(self, name: str, x: jax.Array) -> jax.Array:

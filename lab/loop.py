@@ -209,13 +209,14 @@ class RowMaker:
                 raise NonFiniteError(f"non-finite parameters by step {step}{runs.run_label(i)}; stopping (the last "
                                      "good checkpoint is kept; lower optim.lr or set optim.clip_norm)")
         evals = program.evaluate_runs(state)
+        measured = program.measures.over_runs(state.params, program.runs)
         out = []
         for i in due:
             row = rows[i]
             row.update(evals[i])
             if "train/loss" not in row and "train/batch_loss" in row:
                 row["train/loss"] = row["train/batch_loss"]
-            row.update(program.measures(jax.tree_util.tree_map(lambda a, i=i: a[i], state.params)))  # run i's
+            row.update(measured[i])
             if perf:
                 row.update(perf)
             out.append(row)

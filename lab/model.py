@@ -34,6 +34,9 @@ from lab.kernels import dense, layer_norm, matmul_nn, matmul_nt, softmax
 
 # gelu: the exact (erf) one, TransformerLens's "gelu" (jax.nn.gelu's default is the tanh form, its "gelu_new")
 ACT_FNS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+# a layer's sites that hold every position even when the last layer is pruned to the readout (``apply``)
+FULL_POSITION_SITES = ("hook_resid_pre", "ln1.hook_normalized", "hook_q_input", "hook_k_input", "hook_v_input",
+                       "attn.hook_k", "attn.hook_v", "attn.hook_rot_k")
 POSITIONS = ("learned", "sinusoidal", "rope", "shortformer", "onehot", "frozen_random", "none")
 
 
@@ -278,7 +281,8 @@ class Transformer:
         ``readout``: compute the final LayerNorm, MLP head and unembedding only at these positions
         (logits [batch, len(readout), n_outputs]); a classification loss needs only its query, and
         Reddy's MLP head is most of the step when run at every position. Unless a hook wants one of the
-        last layer's sites, the last layer too computes queries, attention and output only there (its
+        last layer's sites but those that hold every position anyway (``FULL_POSITION_SITES``: its input, keys,
+        values and split inputs), the last layer too computes queries, attention and output only there (its
         keys and values at every position): nothing else of it reaches the readout.
         """
         cfg = self.cfg
@@ -302,7 +306,10 @@ class Transformer:
             x = x + pe
         causal = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, -jnp.inf)  # added to the scores
         last = cfg.n_layers - 1
-        prune = readout is not None and not any(hooks.wants(n) for n in self.layer_sites(last))
+        # sites a pruned last layer still computes at every position (keys, values and what they are made from):
+        # hooks there (Singh's ablated values, his clamped layer-1 input) leave the pruning on
+        full = {f"blocks.{last}.{n}" for n in FULL_POSITION_SITES}
+        prune = readout is not None and not any(hooks.wants(n) for n in self.layer_sites(last) if n not in full)
         for layer in range(cfg.n_layers):
             # the pruned last layer: queries, attention and output at the readout positions only
             at = jnp.asarray(readout) if prune and layer == last else None
@@ -314,7 +321,7 @@ class Transformer:
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
             scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
             if any(hooks.wants(f"{b}.hook_{s}_input") for s in "qkv"):
-                qh, kh, vh = self._split_qkv(p, layer, x, hooks, at)
+                qh, kh, vh = self._split_qkv(p, layer, x, xin, hooks, at)
             else:
                 qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at, q_identity=cfg.wq_identity)  # [batch, head, pos, d_head]
             if cfg.positions == "shortformer":  # (x + W_pos) W_Q and (x + W_pos) W_K; values see no position
@@ -379,29 +386,54 @@ class Transformer:
         out = dense(post, m["W_out"]) + m["b_out"] if cfg.bias else dense(post, m["W_out"])
         return hooks(f"{b}.hook_mlp_out", out)
 
-    def _split_qkv(self, p, layer: int, x, hooks: Hooks, at):
+    def _split_qkv(self, p, layer: int, x, xin, hooks: Hooks, at):
         """TransformerLens's split inputs: each head's queries, keys and values read their own copy of the
         residual stream (sites ``blocks.{l}.hook_q_input|hook_k_input|hook_v_input`` [batch, pos, head,
         d_model], before the layer's LayerNorm, which normalises each copy), so an intervention can give a
         head's queries and keys one stream and its values another. Only traced when a hook asks for one of
-        these sites; ``ln1.hook_normalized`` is then the residual's, for reading."""
+        these sites; ``ln1.hook_normalized`` is then the residual's, for reading.
+
+        What is computed is what the hooks need: an input no hook asks for is the residual's (``xin``, already
+        normalised) through the ordinary all-heads projection; an input whose interventions treat every head
+        alike (``hooks.narrow``) is one copy [batch, pos, 1, d_model], then the same projection; only an input
+        read, or overwritten head by head, is the n_heads-wide copy with a projection per head."""
         cfg, b = self.cfg, f"blocks.{layer}"
-        a = p["blocks"][str(layer)]["attn"]
-        wide = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], cfg.n_heads, x.shape[-1]))
+        blk = p["blocks"][str(layer)]
+        a = blk["attn"]
         out = []
         for s in "qkv":
-            xs = hooks(f"{b}.hook_{s}_input", wide)
-            if cfg.layernorm:
-                ln = p["blocks"][str(layer)]["ln1"]
-                xs = layer_norm(xs, ln["w"], ln["b"])
-            if s == "q" and at is not None:
-                xs = xs[:, at]
-            y = xs.transpose(0, 2, 1, 3) if (s == "q" and cfg.wq_identity) else jnp.einsum(
-                "bthd,hde->bhte", xs, a[f"W_{s.upper()}"])
+            name, w = f"{b}.hook_{s}_input", a[f"W_{s.upper()}"]
+            if hooks.wants(name) and not hooks.narrow(name):
+                y = self._wide_input(blk, name, x, hooks, w, at if s == "q" else None, s == "q" and cfg.wq_identity)
+            else:
+                xs = xin
+                if hooks.wants(name):  # overwritten alike on every head: one copy
+                    xs = hooks(name, x[:, :, None, :])[:, :, 0]
+                    if cfg.layernorm:
+                        xs = layer_norm(xs, blk["ln1"]["w"], blk["ln1"]["b"])
+                if s == "q" and at is not None:
+                    xs = xs[:, at]
+                h, d, e = w.shape
+                if s == "q" and cfg.wq_identity:
+                    y = jnp.broadcast_to(xs[:, None], (xs.shape[0], h, *xs.shape[1:]))
+                else:
+                    y = jnp.moveaxis(dense(xs, w.transpose(1, 0, 2).reshape(d, h * e)).reshape(*xs.shape[:2], h, e),
+                                     -2, -3)
             if cfg.bias:
                 y = y + a[f"b_{s.upper()}"][None, :, None, :]
             out.append(y)
         return tuple(out)
+
+    def _wide_input(self, blk, name: str, x, hooks: Hooks, w, at, identity: bool):
+        """One split input as n_heads copies of the residual [batch, pos, head, d_model] through its hook, each
+        normalised and projected by its own head: [batch, head, pos, d_head]."""
+        wide = jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], self.cfg.n_heads, x.shape[-1]))
+        xs = hooks(name, wide)
+        if self.cfg.layernorm:
+            xs = layer_norm(xs, blk["ln1"]["w"], blk["ln1"]["b"])
+        if at is not None:
+            xs = xs[:, at]
+        return xs.transpose(0, 2, 1, 3) if identity else jnp.einsum("bthd,hde->bhte", xs, w)
 
     def layer_sites(self, layer: int) -> list[str]:
         return [n for n in self.site_names() if n.startswith(f"blocks.{layer}.")]

@@ -295,3 +295,32 @@ def test_a_watch_typo_is_caught_even_with_a_frozen_clamp():
     cfg, _ = load_config(TINY + frozen + ["watch=test/los"])
     with pytest.raises(ConfigError, match="watch"):
         Runs(cfg)
+
+
+@pytest.mark.parametrize("preset", [["layer0", "single_head"], ["layer0_copy"], ["perfect_match", "single_head"]],
+                         ids=["layer0", "layer0_copy", "perfect_match"])
+def test_a_clamped_step_computes_only_what_the_clamps_need_and_the_same_loss(preset):
+    """The shortcuts of a clamped step -- a split input clamped alike on every head as one copy, not n_heads; the
+    last layer's queries at the readout alone when its hooks sit on keys, values and split inputs -- change
+    neither the loss nor its gradient: the same step with every shortcut off (split inputs read, so n_heads wide;
+    logits read, so every position) gives both to float rounding."""
+    cfg, _ = load_config(["experiment=singh_fewshot", f"clamp=[{','.join(preset)}]", "tracking.wandb.mode=disabled",
+                          "task.eval_size=20", "measures.names=[none]"])
+    tr = Runs(cfg)
+    params, program = tr.model.params(), tr.program
+    wide = [f"blocks.1.hook_{s}_input" for s in "qkv"] + ["logits"]
+
+    @jax.jit
+    def both(params, key):
+        batch = program.batch_at(key, 0)
+        fast = jax.value_and_grad(lambda p: program.clamped_loss(p, batch, 0))(params)
+        slow = jax.value_and_grad(lambda p: program.loss(p, batch, tr.clamps.hooks(p, batch, 0, capture=wide)))(params)
+        return fast, slow
+
+    (fl, fg), (sl, sg) = both(params, jax.random.PRNGKey(1))
+    assert abs(float(fl) - float(sl)) <= 1e-5 * abs(float(sl)) and np.isfinite(float(fl))
+    for a, b in zip(jax.tree_util.tree_leaves(fg), jax.tree_util.tree_leaves(sg), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    hooks = tr.clamps.hooks(params, program.batch_at(jax.random.PRNGKey(1), 0), 0)
+    if "layer0" in preset or "layer0_copy" in preset:  # the clamped layer-1 input is one copy for every head
+        assert hooks.narrow("blocks.1.hook_q_input") and hooks.narrow("blocks.1.hook_k_input")

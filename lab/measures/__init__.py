@@ -142,7 +142,7 @@ class Measures:
         if any(ATTENTION[m][1] for m in self.attn_names):
             self.token_probe = repeated_probe(jax.random.PRNGKey(7), n, task.seq_len, task.n_outputs,
                                               getattr(task, "bos", None))
-        self.fn = jax.jit(self._attention)
+        self._vector_fns: dict[int, Any] = {}  # runs -> the attention measures of stacked runs as one array
         self.llc_fn = None
         if "llc" in self.names and loss_fn is not None:
             self.llc_settings = llc_settings(cfg, batch_size)
@@ -181,8 +181,49 @@ class Measures:
                     out[f"{name}/L{l}H{h}"] = vals[h]
         return out
 
+    def _vector_fn(self, runs: int):
+        """The attention measures of R runs stacked on a leading axis as one [R, n] array and their n names: one
+        program and one copy to the host per stop, however many runs and heads (a copy per value cost more than
+        the measures themselves)."""
+        if runs not in self._vector_fns:
+            names = sorted(jax.eval_shape(self._attention, self.model.params(), self.probe, self.token_probe))
+
+            def vector(params):
+                out = self._attention(params, self.probe, self.token_probe)
+                return jnp.stack([jnp.asarray(out[n], jnp.float32) for n in names]) if names else jnp.zeros((0,))
+
+            self._vector_fns[runs] = (names, jax.jit(jax.vmap(vector) if runs > 1 else lambda p: vector(p)[None]))
+        return self._vector_fns[runs]
+
+    def over_runs(self, params, runs: int) -> list[dict[str, float]]:
+        """Every measure of each of R runs whose parameters are stacked on a leading axis, one dict per run."""
+        if runs == 1:  # one run's own program, on its parameters sliced on the host side (as lab.trainer.OverRuns)
+            return [self(jax.tree_util.tree_map(lambda a: a[0], params))]
+        return self._rows(params, runs)
+
     def __call__(self, params) -> dict[str, float]:
-        row = {k: float(v) for k, v in jax.device_get(self.fn(params, self.probe, self.token_probe)).items()}
+        """Every measure of one run's parameters."""
+        return self._rows(params, 1)[0]
+
+    def _rows(self, params, runs: int) -> list[dict[str, float]]:
+        names, fn = self._vector_fn(runs)
+        values = np.asarray(jax.device_get(fn(params)))
+        host = jax.device_get(params) if self._host_measures() else None
+        out = []
+        for i in range(runs):
+            row = {n: float(v) for n, v in zip(names, values[i], strict=True)}
+            if host is not None:
+                row.update(self._other_measures(host if runs == 1 else jax.tree_util.tree_map(lambda a, i=i: a[i],
+                                                                                                host)))
+            out.append(row)
+        return out
+
+    def _host_measures(self) -> bool:
+        return self.llc_fn is not None or any(n in WEIGHTS for n in self.names) or bool(self.plugin_fns)
+
+    def _other_measures(self, params) -> dict[str, float]:
+        """The measures that are no attention measure: the LLC, the weight measures and the registered ones."""
+        row = {}
         if self.llc_fn is not None:
             row.update({k: float(v) for k, v in jax.device_get(self.llc_fn(params)).items()})
         if any(n in WEIGHTS for n in self.names):
