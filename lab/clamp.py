@@ -218,6 +218,7 @@ class _Clamp:
         if "key" in axes:
             mask &= _expand(_positions(c.key, shape[axes["key"]], task, _field(name, "key")), axes["key"], len(shape))
         self.mask = jnp.asarray(mask)
+        self.query_axis = axes["query"]
         # a split input clamped alike on every head (every head selected, a value that does not depend on the
         # head) can be computed as one copy of the stream instead of n_heads (lab.hooks.Hooks.head_uniform)
         self.head_uniform = (kind in SPLIT_INPUTS and c.value in HEAD_BLIND
@@ -355,8 +356,8 @@ class ClampSet:
             interventions.setdefault(cl.site, []).append(self._make(cl, batch, on, extra.get(cl.name), t, shared,
                                                                     params))
             if cl.c.value == "ablate" and cl.c.preserve != "none":
-                for site, v in extra[cl.name].items():
-                    interventions.setdefault(site, []).append(_overwrite(v, on))
+                for site, v in extra[cl.name].items():  # patterns (query axis 2) or values (every position)
+                    interventions.setdefault(site, []).append(_overwrite(v, on, 2))
             if cl.c.value == "perfect_copy":
                 interventions.setdefault("logits", []).append(self._copy_logits(cl, batch, on, shared))
         if any(cl.c.value == "previous_embed" for cl in active):
@@ -364,12 +365,17 @@ class ClampSet:
         fns = {site: _chain(fs) for site, fs in interventions.items()}
         uniform = {site for site in fns if all(cl.head_uniform for cl in active if cl.site == site)
                    and any(cl.site == site for cl in active)}
-        return Hooks(capture=capture, interventions=fns, head_uniform=uniform)
+        # a user's value is a function of the whole activation: its site keeps every position
+        rows_ok = {site for site in fns if not any(cl.site == site and cl.plugin is not None
+                                                   and cl.c.value not in HEAD_BLIND for cl in active)}
+        return Hooks(capture=capture, interventions=fns, head_uniform=uniform, row_aware=rows_ok)
 
     def _make(self, cl: _Clamp, batch, on, extra, t, shared, params=None):
         c = cl.c
 
-        def source(x):
+        qa = cl.query_axis + 1  # with the batch axis
+
+        def source(x, rows):
             if cl.plugin is not None:  # a registered value: a function of the activation and the pass's inputs
                 v = cl.plugin.fn(x, ClampInputs(batch, params, c, self.task, self.model))
                 if getattr(v, "shape", None) != x.shape:
@@ -380,24 +386,25 @@ class ClampSet:
             if c.value == "ablate":
                 return jnp.zeros_like(x), None
             if c.value in ("reference", "frozen"):
-                return extra[cl.site], None
+                return _rows(extra[cl.site], rows, qa), None
             if c.value == "previous_embed":
                 e = shared["hook_embed"]
-                e = jnp.concatenate([jnp.zeros_like(e[:, :1]), e[:, :-1]], axis=1)
+                e = _rows(jnp.concatenate([jnp.zeros_like(e[:, :1]), e[:, :-1]], axis=1), rows, 1)
                 return jnp.broadcast_to(e[:, :, None] if x.ndim == 4 else e, x.shape), None  # split inputs: per head
             if c.value == "perfect_copy":
                 return x, None
             w, ok = ideal_pattern(c.value, batch, self.task, t, c.induction_strength)
-            return jnp.broadcast_to(w, x.shape), ok
+            return jnp.broadcast_to(_rows(w, rows, 2), x.shape), _rows(ok, rows, 2)
 
-        def fn(x):
+        def fn(x, rows=None):
+            """``rows``: the query positions x holds when the model computes only some (Hooks.row_aware)."""
             if c.value == "perfect_copy":
                 shared[cl.name] = x
                 return x
-            v, ok = source(x)
+            v, ok = source(x, rows)
             if c.gradient == "stop":
                 v = jax.lax.stop_gradient(v)
-            mask = cl.mask[None]
+            mask = _rows(cl.mask[None], rows, qa)
             if cl.head_uniform and x.shape[2] == 1:  # one copy for every head (Hooks.head_uniform)
                 mask = mask[:, :, :1]
             if ok is not None:
@@ -417,7 +424,7 @@ class ClampSet:
             carries = 1.0 - batch["is_feature"].astype(jnp.float32)  # only label tokens are copied
         qsel = cl.mask.any(axis=(0, 2))  # [q]
 
-        def fn(logits):
+        def fn(logits, rows=None):
             pat = shared[cl.name][:, h] * carries[:, None, :]  # [b, q, k]: the match learns through the copy
             b, q, k = pat.shape
             # mass[b, q, v] = sum of the attention on keys holding token v (scatter-add, not a one-hot product)
@@ -425,30 +432,38 @@ class ClampSet:
             mass = jnp.zeros((b, q, n_out), pat.dtype).at[bi, qi, tokens[:, None, :]].add(pat, mode="drop")
             v = jnp.log(mass + 1e-6)
             s = cl.c.strength * on
-            return jnp.where(qsel[None, :, None], (1.0 - s) * logits + s * v, logits)
+            return jnp.where(_rows(qsel, rows, 0)[None, :, None], (1.0 - s) * logits + s * v, logits)
 
         return fn
 
 
+def _rows(a, rows, axis: int):
+    """``a`` at the query positions ``rows`` along ``axis`` (all of it when rows is None; a broadcast axis of 1
+    stays as it is)."""
+    if rows is None or a.shape[axis] == 1:
+        return a
+    return jnp.take(a, jnp.asarray(rows), axis=axis)
+
+
 def _store(shared: dict, key: str):
-    def fn(x):
+    def fn(x, rows=None):
         shared[key] = x
         return x
 
     return fn
 
 
-def _overwrite(v, on):
-    def fn(x):
-        return jnp.where(on > 0, jax.lax.stop_gradient(v), x)
+def _overwrite(v, on, query_axis: int):
+    def fn(x, rows=None):
+        return jnp.where(on > 0, jax.lax.stop_gradient(_rows(v, rows, query_axis)), x)
 
     return fn
 
 
 def _chain(fs):
-    def fn(x):
+    def fn(x, rows=None):
         for f in fs:
-            x = f(x)
+            x = f(x) if rows is None else f(x, rows)
         return x
 
     return fn

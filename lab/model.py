@@ -308,11 +308,17 @@ class Transformer:
         last = cfg.n_layers - 1
         # sites a pruned last layer still computes at every position (keys, values and what they are made from):
         # hooks there (Singh's ablated values, his clamped layer-1 input) leave the pruning on
+        # sites held at the readout rows alone must allow it (nothing reads them, their clamps take the rows)
         full = {f"blocks.{last}.{n}" for n in FULL_POSITION_SITES}
-        prune = readout is not None and not any(hooks.wants(n) for n in self.layer_sites(last) if n not in full)
+        prune = readout is not None and all(hooks.allows_rows(n) for n in self.layer_sites(last) if n not in full)
         for layer in range(cfg.n_layers):
             # the pruned last layer: queries, attention and output at the readout positions only
             at = jnp.asarray(readout) if prune and layer == last else None
+            rows = tuple(readout) if at is not None else None
+
+            def hq(name, y, rows=rows):  # a site on the query side: the rows the layer computes
+                return hooks(name, y, rows)
+
             b, a = f"blocks.{layer}", p["blocks"][str(layer)]["attn"]
             x = hooks(f"{b}.hook_resid_pre", x)
             xin = x
@@ -331,51 +337,52 @@ class Transformer:
             tl_sites = [f"{b}.attn.hook_{s}" for s in ("q", "k", "v", "rot_q", "rot_k")]
             if cfg.positions == "rope" or any(hooks.wants(n) for n in tl_sites):
                 # TransformerLens's layout [batch, pos, head, d_head] at the q/k/v sites
-                q, k, v = (hooks(f"{b}.attn.hook_{s}", y.transpose(0, 2, 1, 3))
-                           for s, y in (("q", qh), ("k", kh), ("v", vh)))
+                q = hq(f"{b}.attn.hook_q", qh.transpose(0, 2, 1, 3))
+                k, v = (hooks(f"{b}.attn.hook_{s}", y.transpose(0, 2, 1, 3)) for s, y in (("k", kh), ("v", vh)))
                 if cfg.positions == "rope":
-                    q = hooks(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base, positions=at))
+                    q = hq(f"{b}.attn.hook_rot_q", rope(q, cfg.rope_base, positions=at))
                     k = hooks(f"{b}.attn.hook_rot_k", rope(k, cfg.rope_base))
                 qh, kh, vh = (y.transpose(0, 2, 1, 3) for y in (q, k, v))
             if scale != 1.0:
                 qh = qh * scale
             mask = causal if at is None else causal[at]
-            scores = hooks(f"{b}.attn.hook_attn_scores", matmul_nt(qh, kh) + mask)
-            pattern = hooks(f"{b}.attn.hook_pattern", softmax(scores))
+            scores = hq(f"{b}.attn.hook_attn_scores", matmul_nt(qh, kh) + mask)
+            pattern = hq(f"{b}.attn.hook_pattern", softmax(scores))
             zh = matmul_nn(pattern, vh)
-            z = hooks(f"{b}.attn.hook_z", zh.transpose(0, 2, 1, 3))
+            z = hq(f"{b}.attn.hook_z", zh.transpose(0, 2, 1, 3))
             if not cfg.use_wo:
-                result = hooks(f"{b}.attn.hook_result", z) if hooks.wants(f"{b}.attn.hook_result") else z
+                result = hq(f"{b}.attn.hook_result", z) if hooks.wants(f"{b}.attn.hook_result") else z
                 out = result.reshape(*result.shape[:2], -1)
             elif hooks.overwrites(f"{b}.attn.hook_result"):
-                result = hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
+                result = hq(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
                 out = result.sum(axis=2)
             else:  # one matmul over all heads; per-head results are computed only to be read
                 h, e = z.shape[2], z.shape[3]
                 out = dense(z.reshape(*z.shape[:2], h * e), a["W_O"].reshape(h * e, -1))
                 if hooks.wants(f"{b}.attn.hook_result"):
-                    hooks(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
+                    hq(f"{b}.attn.hook_result", jnp.einsum("bqhe,hed->bqhd", z, a["W_O"]))
             if cfg.use_wo and cfg.bias:
                 out = out + a["b_O"]
-            out = hooks(f"{b}.hook_attn_out", out)
+            out = hq(f"{b}.hook_attn_out", out)
             resid_pre = x if at is None else x[:, at]
             if cfg.d_mlp:
-                out = out + self._mlp(p, layer, resid_pre, out, hooks)
-            x = hooks(f"{b}.hook_resid_post", resid_pre + out)
+                out = out + self._mlp(p, layer, resid_pre, out, hq)
+            x = hq(f"{b}.hook_resid_post", resid_pre + out)
         if readout is not None and not prune:
             x = x[:, jnp.asarray(readout)]
+        out_rows = tuple(readout) if readout is not None else None
         if cfg.layernorm:
-            x = hooks("ln_final.hook_normalized", layer_norm(x, p["ln_final"]["w"], p["ln_final"]["b"]))
+            x = hooks("ln_final.hook_normalized", layer_norm(x, p["ln_final"]["w"], p["ln_final"]["b"]), out_rows)
         if cfg.mlp_head:
             for i in range(cfg.mlp_layers):
                 x = jax.nn.relu(dense(x, p["mlp"][f"W_{i}"]) + p["mlp"][f"b_{i}"])
         logits = dense(x, p["unembed"]["W_U"]) + p["unembed"]["b_U"]
-        return hooks("logits", logits)
+        return hooks("logits", logits, out_rows)
 
-    def _mlp(self, p, layer: int, resid_pre, attn_out, hooks: Hooks):
+    def _mlp(self, p, layer: int, resid_pre, attn_out, hooks):
         """Block ``layer``'s feed-forward output (``hook_mlp_out``), read from the residual after the attention
         (``hook_resid_mid``) or, parallel, from the block's input. Position-wise, so a pruned last layer runs it at
-        the readout positions only."""
+        the readout positions only (``hooks``: the layer's query-side site function, which passes those rows on)."""
         cfg, b, blk = self.cfg, f"blocks.{layer}", p["blocks"][str(layer)]
         x = resid_pre if cfg.parallel_attn_mlp else hooks(f"{b}.hook_resid_mid", resid_pre + attn_out)
         if cfg.layernorm:

@@ -73,8 +73,9 @@ def batch_at(parts: Parts, key, step, data: dict | None = None) -> dict:
 def loss(parts: Parts, params, batch, hooks: Hooks = NO_HOOKS) -> jax.Array:
     task = parts.task
     pos = task.query_positions if task.classification else ()
-    if pos and not (hooks.wants("ln_final.hook_normalized") or hooks.wants("logits")):
-        # a classification loss counts only at the query: read out there alone
+    if pos and hooks.allows_rows("ln_final.hook_normalized") and hooks.allows_rows("logits"):
+        # a classification loss counts only at the query: read out there alone (a clamp on the logits, Singh's
+        # perfect copy, takes the rows)
         sel = jnp.asarray(pos)
         picked = {"targets": batch["targets"][:, sel], "loss_mask": batch["loss_mask"][:, sel]}
         return masked_nll(parts.model.apply(params, batch, hooks, readout=pos), picked)

@@ -301,7 +301,7 @@ def test_a_watch_typo_is_caught_even_with_a_frozen_clamp():
                          ids=["layer0", "layer0_copy", "perfect_match"])
 def test_a_clamped_step_computes_only_what_the_clamps_need_and_the_same_loss(preset):
     """The shortcuts of a clamped step -- a split input clamped alike on every head as one copy, not n_heads; the
-    last layer's queries at the readout alone when its hooks sit on keys, values and split inputs -- change
+    last layer's queries, and the logits, at the readout alone under the clamps (which take the rows) -- change
     neither the loss nor its gradient: the same step with every shortcut off (split inputs read, so n_heads wide;
     logits read, so every position) gives both to float rounding."""
     cfg, _ = load_config(["experiment=singh_fewshot", f"clamp=[{','.join(preset)}]", "tracking.wandb.mode=disabled",
@@ -324,3 +324,6 @@ def test_a_clamped_step_computes_only_what_the_clamps_need_and_the_same_loss(pre
     hooks = tr.clamps.hooks(params, program.batch_at(jax.random.PRNGKey(1), 0), 0)
     if "layer0" in preset or "layer0_copy" in preset:  # the clamped layer-1 input is one copy for every head
         assert hooks.narrow("blocks.1.hook_q_input") and hooks.narrow("blocks.1.hook_k_input")
+    # every clamp on the last layer (ablated values, pattern clamps at the query) and on the logits (the copy) takes
+    # the readout rows: the layer computes its queries at the query position alone
+    assert all(hooks.allows_rows(n) for n in [*tr.model.layer_sites(1), "logits"])
