@@ -12,6 +12,9 @@ Sections:
 - clamps: steady-state steps/s of the demo model with each clamp kind vs no clamp;
 - logging: a whole `fit` at the default cadence (evaluators + measures) vs the same steps unlogged;
 - demo: wall time from `lab train experiment=demo` to the end of its detected transition, compile included;
+- study: Singh's Fig. 5b study (6 conditions x 5 seeds x 18,750 steps) by the lab's one command
+  (experiments/singh_clamps.py) and by the authors' icl-dynamics run by run (``--icl``, ``--icl-python``), on one
+  feature file, and each preset's step against the unclamped one (bench/singh_study.py);
 - devinterp: the LLC at every checkpoint of a fresh default demo run (4 chains x 200 SGLD steps, 50 burn-in,
   ε = 1e-3) by the lab (one program) and by devinterp (in the optional environment), the same data and settings:
   wall times, their ratio and the agreement (bench/devinterp_side_by_side.py; only with `make bench-tl-env`).
@@ -330,7 +333,7 @@ def bench_devinterp() -> dict:
 
 
 SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo", "pictures",
-            "devinterp")
+            "devinterp", "study")
 
 
 def bench_pictures(rounds: int = 3) -> dict:
@@ -382,7 +385,13 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=_runs, default=None,
                    help="vmapped singh_fewshot run counts (default 1,2,...,64 on the CPU, 1,2,...,256 on an "
                         "accelerator)")
+    p.add_argument("--study-steps", type=int, default=18750, help="steps of each study run (default 18,750)")
+    p.add_argument("--study-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="the study's seeds")
+    p.add_argument("--icl", default=None, help="a checkout of aadityasingh/icl-dynamics (or ICL_DYNAMICS)")
+    p.add_argument("--icl-python", default=None, help="the Python that runs it (or ICL_PYTHON)")
     args = p.parse_args(argv)
+    if args.study_steps < 1:
+        p.error(f"--study-steps={args.study_steps}: must be >= 1")
     for name in args.sections:
         if name not in SECTIONS:
             p.error(f"SECTION={name!r}: one of {', '.join(SECTIONS)}")
@@ -433,6 +442,11 @@ def main():
     if "devinterp" in wanted:
         print("devinterp (LLC over every checkpoint of the demo, lab vs devinterp):", file=sys.stderr)
         results["devinterp"] = bench_devinterp()
+    if "study" in wanted:
+        print("study (Singh Fig. 5b, 6 conditions x seeds: the lab's one command vs the authors' code run by run):",
+              file=sys.stderr)
+        from singh_study import bench_study
+        results["study"] = bench_study(seconds, args.study_steps, args.study_seeds, args.icl, args.icl_python)
     ticks1 = _cpu_ticks()
     if ticks0 and ticks1:
         # time the hypervisor gave this VM's CPUs to others while the bench ran: the noise behind

@@ -74,8 +74,10 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
     batch_keys += tuple(f"task.{n}=" for n in cfg.task_values)
     base = [o for o in overrides if not o.lstrip("+~").startswith(batch_keys)]
     conds = list(cfg.conditions) or [None]
-    if len(set(conds)) != len(conds):
-        raise LabError(f"conditions={list(cfg.conditions)}: each condition once (runs would share a directory)")
+    labels = [c.rsplit("/", 1)[-1] if c is not None else None for c in conds]
+    if len(set(labels)) != len(labels):
+        raise LabError(f"conditions={list(cfg.conditions)}: each condition once, by name (runs would share a "
+                       "directory)")
     runs = []
     for cond in conds:
         extra = [f"clamp={cond}"] if cond is not None else [o for o in overrides if o.startswith("clamp=")]
@@ -86,7 +88,8 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
                           + ([f"optim.lr={lr!r}"] if lr is not None else []) + [f"seed={seed}"])
                     solo = ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]", "optim.lrs=null"]
                     c, n = load_config(ov + solo)
-                    label = cond if cond is not None else ("+".join(c.clamps) or "none")
+                    # a preset in a folder (fig5b/prev_token) is labelled by its own name
+                    label = cond.rsplit("/", 1)[-1] if cond is not None else ("+".join(c.clamps) or "none")
                     label += "".join(f"-{k}{v:g}" for k, v in point.items())
                     if lr is not None:
                         label += f"-lr{lr:g}"
@@ -94,22 +97,28 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
     return runs
 
 
-def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False, name: str | None = None) -> Path:
+def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False, name: str | None = None,
+                beside: bool = False) -> Path:
     """Train every (condition, seed) of ``cfg`` as one program; returns the batch directory.
 
     ``name``: the runs go to ``run.dir/<name>-s<seed>`` inside a folder that may already hold other runs
     (lab.conditions: one condition's seeds as one program beside the other conditions' runs), and the index
-    to ``batch-<name>.json``."""
+    to ``batch-<name>.json``. ``beside``: the runs go to ``run.dir/<condition>-s<seed>`` beside other runs there,
+    the index to ``batch-<conditions>.json``."""
     runs = expand(cfg, node, overrides)
-    if name is not None:
+    if beside and name is None:
+        index_name = "batch-" + "+".join(dict.fromkeys(r["label"] for r in runs)) + ".json"
+    else:
+        index_name = "batch.json" if name is None else f"batch-{name}.json"
+    if name is not None or beside:
         root = Path(cfg.run.dir)
         for r in runs:
-            rundir.check_empty(root / f"{name}-s{r['seed']}")
+            rundir.check_empty(root / f"{name or r['label']}-s{r['seed']}")
     bt = Runs([r["cfg"] for r in runs])
     state = bt.init_state()
     limit = cfg.trainer.memory_limit_gb * GiB if cfg.trainer.memory_limit_gb is not None else None
     mem = bt.check_memory(state, limit)
-    if name is None:
+    if name is None and not beside:
         root = rundir.resolve_run_dir(cfg)
     for r in runs:
         r["dir"] = root / f"{name or r['label']}-s{r['seed']}"
@@ -121,7 +130,7 @@ def train_batch(cfg, node: DictConfig, overrides: list[str], quiet: bool = False
              "seeds": seeds_of(cfg), "lrs": cfg.optim.lrs and [float(x) for x in cfg.optim.lrs],
              "memory_bytes": mem["bytes"], "device": str(jax.devices()[0].device_kind),
              "runs": [{"dir": r["dir"].name, "condition": r["label"], "seed": r["seed"]} for r in runs]}
-    (root / ("batch.json" if name is None else f"batch-{name}.json")).write_text(json.dumps(index, indent=2))
+    (root / index_name).write_text(json.dumps(index, indent=2))
     if not quiet:
         print(f"{len(runs)} runs as one program ({mem['bytes'] / 2**20:.1f} MiB): {root}", file=sys.stderr)
     execute(bt, [RunSink(r["dir"], r["cfg"], r["node"], r["label"]) for r in runs], state, quiet=quiet)

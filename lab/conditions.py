@@ -17,25 +17,31 @@ from lab.config import load_config
 from lab.errors import LabError
 from lab.run import train_run
 
-# Singh et al. 2024, Fig. 5b, as the authors ran it (ih_paper_runs.sh): each condition's clamp presets. Where
-# they keep one active layer-1 head (L1H3), `single_head` ablates the others (--opto_ablate_heads $REST_HEADS).
-SINGH_FIG5B = {
-    "none": ["clamp=single_head"],
-    "prev_token": ["clamp=[prev_token,single_head]"],
-    "layer0": ["clamp=[layer0,single_head]"],
-    "perfect_match": ["clamp=[perfect_match,single_head]"],
-    "perfect_copy": ["clamp=perfect_copy"],
-    "layer0_copy": ["clamp=layer0_copy"],
-}
+# Singh et al. 2024, Fig. 5b, as the authors ran it (ih_paper_runs.sh): each condition is one preset of
+# configs/clamp/fig5b/ (where they keep one active layer-1 head, L1H3, it adds `single_head`, which ablates the
+# others: --opto_ablate_heads $REST_HEADS), so the six conditions are one batch.
+SINGH_FIG5B = {name: [f"clamp=fig5b/{name}"] for name in
+               ("none", "prev_token", "layer0", "perfect_match", "perfect_copy", "layer0_copy")}
 
 
 def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,), root: str | Path = "runs/cmp",
                    quiet: bool = False, batched: bool = False) -> dict[str, list[Path]]:
     """Train every (condition, seed); skip those whose run directory already has a summary.
 
-    ``batched``: each condition's seeds train as one vmapped program (lab.batch), into the same
-    ``root/<condition>-s<seed>`` directories, each written as if its run had trained alone."""
+    ``batched``: the runs train as vmapped programs (lab.batch), into the same ``root/<condition>-s<seed>``
+    directories, each written as if its run had trained alone: every (condition, seed) as one program when none
+    has trained yet and each condition is one clamp preset named like it (``clamp=fig5b/prev_token`` for
+    ``prev_token``: one compilation, one progress bar); otherwise each condition's seeds as one program."""
     root = Path(root)
+    presets = {label: _preset(extra) for label, extra in conditions.items()}
+    fresh = not any((root / f"{label}-s{seed}").exists() for label in conditions for seed in seeds)
+    if batched and fresh and len(conditions) * len(seeds) > 1 and all(
+            p is not None and p.rsplit("/", 1)[-1] == label for label, p in presets.items()):
+        overrides = [*base, f"conditions=[{','.join(presets.values())}]",
+                     f"trainer.seeds=[{','.join(map(str, seeds))}]", f"run.dir={root}"]
+        cfg, node = load_config(overrides)
+        train_batch(cfg, node, overrides, quiet=quiet, beside=True)
+        return {label: [root / f"{label}-s{seed}" for seed in seeds] for label in conditions}
     out: dict[str, list[Path]] = {}
     for label, extra in conditions.items():
         todo = []
@@ -56,6 +62,13 @@ def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,)
             cfg, node = load_config(overrides)
             train_run(cfg, node, quiet=quiet, overrides=overrides)
     return out
+
+
+def _preset(extra: list[str]) -> str | None:
+    """The one clamp preset a condition's overrides pick (``clamp=fig5b/layer0``), or None when they do more."""
+    if len(extra) == 1 and extra[0].startswith("clamp=") and "[" not in extra[0]:
+        return extra[0].removeprefix("clamp=")
+    return None
 
 
 def _override_value(v) -> str:

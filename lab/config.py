@@ -127,7 +127,9 @@ def _check_overrides(overrides) -> None:
     for d in plugins.all_config_dirs():
         for p in d.iterdir():
             if p.is_dir():
-                groups.setdefault(p.name, set()).update(f.stem for f in p.glob("*.yaml"))
+                # options in sub-folders too (clamp=fig5b/prev_token: Singh's Fig. 5b conditions)
+                groups.setdefault(p.name, set()).update(f.relative_to(p).with_suffix("").as_posix()
+                                                        for f in p.rglob("*.yaml"))
     groups.setdefault("task", set()).update(plugins.tasks.names())  # a task with no YAML: its dataclass
     groups = {k: sorted(v) for k, v in groups.items()}
     for ov in overrides:

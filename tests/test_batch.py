@@ -8,6 +8,7 @@ import pytest
 
 from lab.batch import expand, is_batch, train_batch
 from lab.config import load_config
+from lab.errors import LabError
 from lab.run import train_run
 from lab.tracking import read_metrics
 from tests.conftest import lab_cmd
@@ -161,3 +162,20 @@ def test_conditions_batched_per_condition_write_the_same_directories_as_solo_run
     stamp = (dirs["plain"][0] / "summary.json").stat().st_mtime_ns
     run_conditions(base, conds, seeds=(0, 2), root=tmp_path / "cmp", quiet=True, batched=True)
     assert (dirs["plain"][0] / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_singh_fig5b_is_one_batch_of_nested_presets_labelled_by_name():
+    """Each Fig. 5b condition is one preset of configs/clamp/fig5b/, so the study is one batch (conditions=[...]):
+    a run is labelled by its preset's own name, and its solo config holds exactly the authors' clamps."""
+    from lab.conditions import SINGH_FIG5B
+
+    presets = [ov[0].removeprefix("clamp=") for ov in SINGH_FIG5B.values()]
+    ov = ["experiment=singh_fewshot", f"conditions=[{','.join(presets)}]", "trainer.seeds=[0,1]"]
+    cfg, node = load_config(ov)
+    runs = expand(cfg, node, ov)
+    assert [r["label"] for r in runs][::2] == list(SINGH_FIG5B) and len(runs) == 12
+    clamps = {r["label"]: sorted(r["cfg"].clamps) for r in runs}
+    assert clamps["none"] == ["single_head"] and clamps["layer0_copy"] == ["copy", "layer0", "layer0_silent"]
+    assert clamps["prev_token"] == ["prev_token", "single_head"]
+    with pytest.raises(LabError, match="clamp=fig5b/nope: unknown clamp 'fig5b/nope'"):
+        load_config(["experiment=singh_fewshot", "clamp=fig5b/nope"])
