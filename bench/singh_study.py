@@ -123,7 +123,9 @@ def bench_presets(seconds: float) -> dict:
     base = ["experiment=singh_fewshot", "tracking.wandb.mode=disabled", "trainer.progress=false",
             "trainer.steps_per_call=250"]
     trainers = {c: Runs(load_config([*base, *ov])[0]) for c, ov in {"unclamped": ["clamp=none"], **SINGH_FIG5B}.items()}
-    sps = interleaved(trainers, seconds)
+    # at least 12 s a condition: the VM's speed drifts by 10-40 % between minutes, and 5 rounds of a few
+    # hundred milliseconds let one slow moment decide a ratio
+    sps = interleaved(trainers, max(seconds, 12.0), rounds=8)
     out = {}
     for c, v in sps.items():
         out[c] = {"steps_per_sec": v, "time_ratio": sps["unclamped"] / v}

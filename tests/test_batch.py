@@ -179,3 +179,23 @@ def test_singh_fig5b_is_one_batch_of_nested_presets_labelled_by_name():
     assert clamps["prev_token"] == ["prev_token", "single_head"]
     with pytest.raises(LabError, match="clamp=fig5b/nope: unknown clamp 'fig5b/nope'"):
         load_config(["experiment=singh_fewshot", "clamp=fig5b/nope"])
+
+
+@pytest.mark.slow  # ~20 s: CI's slow suite
+def test_conditions_that_are_one_preset_each_train_as_one_program(tiny, tmp_path):
+    """run_conditions(batched=True) with every condition one clamp preset named like it: all (condition, seed)
+    runs are one program (one index beside them), each directory a solo run's."""
+    from lab.conditions import run_conditions
+
+    base = tiny + ["trainer.steps=20", "checkpoint.every=10", "model.n_heads=4"]
+    conds = {"none": ["clamp=none"], "prev_token": ["clamp=prev_token"]}
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "other-s0").mkdir()  # another run already there: the batch goes beside it
+    dirs = run_conditions(base, conds, seeds=(0, 1), root=tmp_path / "cmp", quiet=True, batched=True)
+    index = json.loads((tmp_path / "cmp" / "batch-none+prev_token.json").read_text())
+    assert [r["dir"] for r in index["runs"]] == ["none-s0", "none-s1", "prev_token-s0", "prev_token-s1"]
+    for label in conds:
+        for seed, d in zip((0, 1), dirs[label], strict=True):
+            s = json.loads((d / "summary.json").read_text())
+            assert s["seed"] == seed and s["batched_runs"] == 4
+    assert json.loads((dirs["prev_token"][0] / "summary.json").read_text())["condition"] != "none"
