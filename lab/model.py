@@ -327,7 +327,7 @@ class Transformer:
                 xin = hooks(f"{b}.ln1.hook_normalized", layer_norm(x, ln["w"], ln["b"]))
             scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.attn_scale else 1.0
             if any(hooks.wants(f"{b}.hook_{s}_input") for s in "qkv"):
-                qh, kh, vh = self._split_qkv(p, layer, x, xin, hooks, at)
+                qh, kh, vh = self._split_qkv(p, layer, x, hooks, at)
             else:
                 qh, kh, vh = _qkv(xin, a, cfg.bias, q_at=at, q_identity=cfg.wq_identity)  # [batch, head, pos, d_head]
             if cfg.positions == "shortformer":  # (x + W_pos) W_Q and (x + W_pos) W_K; values see no position
@@ -393,15 +393,16 @@ class Transformer:
         out = dense(post, m["W_out"]) + m["b_out"] if cfg.bias else dense(post, m["W_out"])
         return hooks(f"{b}.hook_mlp_out", out)
 
-    def _split_qkv(self, p, layer: int, x, xin, hooks: Hooks, at):
+    def _split_qkv(self, p, layer: int, x, hooks: Hooks, at):
         """TransformerLens's split inputs: each head's queries, keys and values read their own copy of the
         residual stream (sites ``blocks.{l}.hook_q_input|hook_k_input|hook_v_input`` [batch, pos, head,
         d_model], before the layer's LayerNorm, which normalises each copy), so an intervention can give a
         head's queries and keys one stream and its values another. Only traced when a hook asks for one of
         these sites; ``ln1.hook_normalized`` is then the residual's, for reading.
 
-        What is computed is what the hooks need: an input no hook asks for is the residual's (``xin``, already
-        normalised) through the ordinary all-heads projection; an input whose interventions treat every head
+        What is computed is what the hooks need: an input no hook asks for is the residual's, normalised (the same
+        LayerNorm the layer's own ``ln1`` computes, which XLA computes once), through the ordinary all-heads
+        projection; an input whose interventions treat every head
         alike (``hooks.narrow``) is one copy [batch, pos, 1, d_model], then the same projection; only an input
         read, or overwritten head by head, is the n_heads-wide copy with a projection per head."""
         cfg, b = self.cfg, f"blocks.{layer}"
@@ -413,11 +414,9 @@ class Transformer:
             if hooks.wants(name) and not hooks.narrow(name):
                 y = self._wide_input(blk, name, x, hooks, w, at if s == "q" else None, s == "q" and cfg.wq_identity)
             else:
-                xs = xin
-                if hooks.wants(name):  # overwritten alike on every head: one copy
-                    xs = hooks(name, x[:, :, None, :])[:, :, 0]
-                    if cfg.layernorm:
-                        xs = layer_norm(xs, blk["ln1"]["w"], blk["ln1"]["b"])
+                xs = hooks(name, x[:, :, None, :])[:, :, 0] if hooks.wants(name) else x  # alike on every head: one copy
+                if cfg.layernorm:
+                    xs = layer_norm(xs, blk["ln1"]["w"], blk["ln1"]["b"])
                 if s == "q" and at is not None:
                     xs = xs[:, at]
                 h, d, e = w.shape
