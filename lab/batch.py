@@ -63,6 +63,11 @@ def is_batch(cfg) -> bool:
             or bool(cfg.task_values))
 
 
+def condition_label(cond: str) -> str:
+    """A condition's run label: its clamp preset's own name (``fig5b/prev_token`` is ``prev_token``)."""
+    return cond.rsplit("/", 1)[-1]
+
+
 def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
     """One solo (cfg, node, overrides, label) per (condition, task values, learning rate, seed), in that
     order. The label names the condition (and the task values and rate, when given): the runs that differ
@@ -74,7 +79,7 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
     batch_keys += tuple(f"task.{n}=" for n in cfg.task_values)
     base = [o for o in overrides if not o.lstrip("+~").startswith(batch_keys)]
     conds = list(cfg.conditions) or [None]
-    labels = [c.rsplit("/", 1)[-1] if c is not None else None for c in conds]
+    labels = [condition_label(c) if c is not None else None for c in conds]
     if len(set(labels)) != len(labels):
         raise LabError(f"conditions={list(cfg.conditions)}: each condition once, by name (runs would share a "
                        "directory)")
@@ -88,8 +93,7 @@ def expand(cfg, node: DictConfig, overrides: list[str]) -> list[dict]:
                           + ([f"optim.lr={lr!r}"] if lr is not None else []) + [f"seed={seed}"])
                     solo = ["trainer.seeds=null", "trainer.num_seeds=1", "conditions=[]", "optim.lrs=null"]
                     c, n = load_config(ov + solo)
-                    # a preset in a folder (fig5b/prev_token) is labelled by its own name
-                    label = cond.rsplit("/", 1)[-1] if cond is not None else ("+".join(c.clamps) or "none")
+                    label = condition_label(cond) if cond is not None else ("+".join(c.clamps) or "none")
                     label += "".join(f"-{k}{v:g}" for k, v in point.items())
                     if lr is not None:
                         label += f"-lr{lr:g}"

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from lab.batch import train_batch
+from lab.batch import condition_label, train_batch
 from lab.clamp import ClampConfig
 from lab.config import load_config
 from lab.errors import LabError
@@ -36,7 +36,7 @@ def run_conditions(base: list[str], conditions: dict[str, list[str]], seeds=(0,)
     presets = {label: _preset(extra) for label, extra in conditions.items()}
     fresh = not any((root / f"{label}-s{seed}").exists() for label in conditions for seed in seeds)
     if batched and fresh and len(conditions) * len(seeds) > 1 and all(
-            p is not None and p.rsplit("/", 1)[-1] == label for label, p in presets.items()):
+            p is not None and condition_label(p) == label for label, p in presets.items()):
         overrides = [*base, f"conditions=[{','.join(presets.values())}]",
                      f"trainer.seeds=[{','.join(map(str, seeds))}]", f"run.dir={root}"]
         cfg, node = load_config(overrides)

@@ -322,7 +322,7 @@ def test_a_clamped_step_computes_only_what_the_clamps_need_and_the_same_loss(pre
     for a, b in zip(jax.tree_util.tree_leaves(fg), jax.tree_util.tree_leaves(sg), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
     hooks = tr.clamps.hooks(params, program.batch_at(jax.random.PRNGKey(1), 0), 0)
-    if "layer0" in preset or "layer0_copy" in preset:  # the clamped layer-1 input is one copy for every head
+    if preset[0].startswith("layer0"):  # the clamped layer-1 input is one copy for every head
         assert hooks.narrow("blocks.1.hook_q_input") and hooks.narrow("blocks.1.hook_k_input")
     # every clamp on the last layer (ablated values, pattern clamps at the query) and on the logits (the copy) takes
     # the readout rows: the layer computes its queries at the query position alone

@@ -220,6 +220,9 @@ class FewshotTask(Task):
         }
         if h == 0:
             del self.settings["relabel"]
+        # settings whose class law is the training one (-inf beyond the training classes) draw over those alone
+        self.drawn = {name: n_train if np.isneginf(st[0][n_train:]).all() else None
+                      for name, st in self.settings.items()}
         self.evaluators = list(self.settings)
         self.draws = {
             "classes": (C,),
@@ -287,8 +290,7 @@ class FewshotTask(Task):
         query) and ``label_set`` [B] (row of ``self.label_sets``)."""
         if evaluator not in self.settings:
             raise ValueError(f"evaluator {evaluator!r}: one of {', '.join(self.settings)}")
-        drawn = self.cfg.n_train_classes if evaluator in ("train", "relabel", "test_exemplars") else None
-        return self.sample_setting(key, batch_size, self.settings[evaluator], drawn)
+        return self.sample_setting(key, batch_size, self.settings[evaluator], self.drawn[evaluator])
 
     def sample_settings(self, key: jax.Array, batch_size: int) -> dict:
         """``{evaluator: sample_with_info(...)}`` for every evaluator, as one vmap: one compilation."""
@@ -305,7 +307,7 @@ class FewshotTask(Task):
         if not data:
             return self.sample_with_info(key, batch_size)[0]
         setting = (data["train_logits"], *self.settings["train"][1:])
-        return self.sample_setting(key, batch_size, setting, self.cfg.n_train_classes)[0]
+        return self.sample_setting(key, batch_size, setting, self.drawn["train"])[0]  # run_data: the same support
 
     def run_data(self, values: dict) -> dict:
         """A batched run's data: the training class law its alpha makes (what ``sample`` reads)."""
