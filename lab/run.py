@@ -101,10 +101,10 @@ class RunSink(Sink):
         self.tracker.close()
 
     def finish(self, watch: str, wall: float, start_step: int, circuit_at: Callable[[dict], dict | None],
-               batched: int) -> dict:
+               batched: int, data: dict | None = None) -> dict:
         """Write summary.json and curves.png from the run's metrics (``circuit_at(final row)``: the circuit
         summary's views at the final parameters, {"circuit": ..., "circuit_as_trained": ...} for a run with
-        clamps, or {}); returns the summary."""
+        clamps, or {}; ``data``: what the task's data came from, ``task.info``); returns the summary."""
         c = self.cfg
         rows = read_metrics(self.dir / "metrics.jsonl")
         phase = transitions_of(rows, watch, c.watch_threshold)
@@ -118,6 +118,8 @@ class RunSink(Sink):
             "wall_time_s": wall, "steps_per_sec": (c.trainer.steps - start_step) / wall,
             "final": final, "phase": phase, "checkpoints": self.checkpointer.steps(), "versions": versions(),
         }
+        if data:
+            summary["data"] = data
         summary.update(views)  # circuit (the model without clamps); circuit_as_trained (with the run's clamps)
         if batched > 1:
             summary["batched_runs"] = batched
@@ -184,7 +186,8 @@ def execute(trainer: Runs, sinks: list[RunSink], state: TrainState, quiet: bool 
     wall = time.perf_counter() - t0
     circuit_of = CircuitSummaries(trainer, state)
     for i, sink in enumerate(sinks):
-        summary = sink.finish(trainer.watch, wall, start_step, lambda final, i=i: circuit_of(i, final), n)
+        summary = sink.finish(trainer.watch, wall, start_step, lambda final, i=i: circuit_of(i, final), n,
+                              data=trainer.task.info)
         sink.close()
         if not quiet and (n == 1 or i == 0):
             print(format_summary(summary, sink.dir))

@@ -28,3 +28,18 @@ def tiny():
 
 def lab_cmd(*args):
     return [sys.executable, "-m", "lab.cli", *args]
+
+
+def kill_once_checkpointed(args: list, run_dir: Path, step: int, timeout: float = 120.0) -> None:
+    """Start ``lab ARGS`` and kill it with SIGKILL as soon as its checkpoint ``step`` exists in ``run_dir``."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(lab_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < timeout and not (run_dir / "checkpoints" / str(step)).is_dir():
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it was killed: make it longer"
+    p.send_signal(signal.SIGKILL)
+    p.wait()

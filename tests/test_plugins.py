@@ -24,7 +24,7 @@ from lab.run import train_run
 from lab.tasks import make_task
 from lab.tasks.base import Task, TaskConfig
 from lab.tracking import read_metrics
-from tests.conftest import TINY, lab_cmd
+from tests.conftest import TINY, kill_once_checkpointed, lab_cmd
 
 # a tiny run of the example's experiment: its task, its measure (with the lab's prev_token), its evaluator
 NC = [o for o in TINY if not o.startswith(("experiment=", "task.", "measures.names", "trainer.steps=",
@@ -295,22 +295,12 @@ def test_a_broken_installed_plugin_is_named_in_one_line(tmp_path):
 
 @pytest.mark.slow  # a training process killed with SIGKILL, then resumed: ~30 s
 def test_a_plugin_run_killed_with_sigkill_resumes_to_the_uninterrupted_run(tmp_path):
-    import signal
-    import time
-
     ov = [*NC, RESAMPLE, "trainer.steps=400", "trainer.steps_per_call=5", "checkpoint.every=20"]
     ref = tmp_path / "ref"
     cfg, node = load_config([*ov, f"run.dir={ref}"])
     train_run(cfg, node, quiet=True, overrides=[*ov, f"run.dir={ref}"])
     victim = tmp_path / "victim"
-    p = subprocess.Popen(lab_cmd("train", *ov, f"run.dir={victim}", "--quiet"), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    t0 = time.time()
-    while p.poll() is None and time.time() - t0 < 120 and not (victim / "checkpoints" / "60").is_dir():
-        time.sleep(0.02)
-    assert p.poll() is None, "the run finished before it was killed: make it longer"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    kill_once_checkpointed(["train", *ov, f"run.dir={victim}", "--quiet"], victim, 60)
     done = subprocess.run(lab_cmd("resume", str(victim), "--quiet"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     strip = [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(ref / "metrics.jsonl")]

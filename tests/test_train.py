@@ -95,7 +95,8 @@ def test_sgd_multiplicative_weight_decay():
     np.testing.assert_allclose(np.asarray(p["w"] + up["w"]), [2.0 * 0.99, -4.0 * 0.99], rtol=1e-6)
 
 
-@pytest.mark.parametrize("exp", ["reddy_bursty", "singh_fewshot", "bietti_bigram", "edelman_markov", "olsson_repeat"])
+@pytest.mark.parametrize("exp", ["reddy_bursty", "singh_fewshot", "bietti_bigram", "edelman_markov", "olsson_repeat",
+                                 "olsson_text"])
 def test_paper_experiments_compose_and_build(exp):
     """Every named experiment composes, validates, and builds its task and model."""
     cfg, _ = load_config([f"experiment={exp}", "tracking.wandb.mode=disabled", "task.eval_size=20",

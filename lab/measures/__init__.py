@@ -140,8 +140,7 @@ class Measures:
         self.probe = jax.tree_util.tree_map(lambda a: a[:n], next(iter(task.evals.values())))
         self.token_probe = None
         if any(ATTENTION[m][1] for m in self.attn_names):
-            self.token_probe = repeated_probe(jax.random.PRNGKey(7), n, task.seq_len, task.n_outputs,
-                                              getattr(task, "bos", None))
+            self.token_probe = task.token_probe(jax.random.PRNGKey(7), n)
         self._vector_fns: dict[int, Any] = {}  # runs -> the attention measures of stacked runs as one array
         self.llc_fn = None
         if "llc" in self.names and loss_fn is not None:

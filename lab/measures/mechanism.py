@@ -38,7 +38,6 @@ import numpy as np
 
 from lab.hooks import Hooks
 from lab.measures import attention as att
-from lab.measures import repeated_probe
 from lab.measures.circuits import ov_matrix
 from lab.model import merge_consts
 
@@ -88,8 +87,7 @@ class CircuitSummary:
         self.probe = jax.tree_util.tree_map(lambda a: a[:128], next(iter(task.evals.values())))
         where = task.circuit_positions(self.probe)
         if where is None:  # random tokens with a copied segment: every repeat is an induction target
-            self.token_probe = repeated_probe(jax.random.PRNGKey(7), 128, task.seq_len, task.n_outputs,
-                                              getattr(task, "bos", None))
+            self.token_probe = task.token_probe(jax.random.PRNGKey(7), 128)
             self.prev_where = self.ind_where = None
         else:  # the task's own sequences, at the positions where the circuit is needed
             self.token_probe = self.probe

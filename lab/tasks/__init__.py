@@ -16,9 +16,10 @@ from lab.tasks.bursty import BurstyConfig, BurstyTask
 from lab.tasks.fewshot import FewshotConfig, FewshotTask
 from lab.tasks.markov import MarkovConfig, MarkovTask
 from lab.tasks.repeat import RepeatConfig, RepeatTask
+from lab.tasks.text import TextConfig, TextTask
 
 for _cfg, _task in ((BurstyConfig, BurstyTask), (FewshotConfig, FewshotTask), (BigramConfig, BigramTask),
-                    (MarkovConfig, MarkovTask), (RepeatConfig, RepeatTask)):
+                    (MarkovConfig, MarkovTask), (RepeatConfig, RepeatTask), (TextConfig, TextTask)):
     plugins.register_task(_cfg.name, _cfg, _task)
 
 
@@ -64,4 +65,6 @@ __all__ = [
     "MarkovTask",
     "RepeatConfig",
     "RepeatTask",
+    "TextConfig",
+    "TextTask",
 ]

@@ -79,8 +79,18 @@ class Task:
         induction query positions), each [b, t]; None (the default) measures on random tokens with a copied
         segment instead (lab.measures.repeated_probe), where every repeat is an induction target."""
         return None
+    def token_probe(self, key: jax.Array, n: int) -> Batch:
+        """``n`` sequences of random tokens with one copied segment, where prefix matching is measured
+        (lab.measures.repeated_probe over every output id); a task may draw from fewer ids (a corpus: its
+        frequent tokens, whose embeddings training has shaped)."""
+        from lab.measures import repeated_probe  # lab.measures imports the tasks' layouts
+
+        return repeated_probe(key, n, self.seq_len, self.n_outputs, getattr(self, "bos", None))
+
     # Whether `loss_mask` selects a handful of query positions (classification) or many tokens.
     classification: bool = False
+    # What the task's data came from (a corpus's files, tokens and content key), recorded in summary.json as ``data``.
+    info: dict = {}
     # Measures that ``measures.names=[auto]`` adds for this task (e.g. the bigram task's memory_recall).
     auto_measures: tuple[str, ...] = ()
 
