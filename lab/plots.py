@@ -23,8 +23,11 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
     keys = sorted({k for r in rows for k in r if "/" in k and not k.startswith("perf/")})
     loss_keys = [k for k in keys if k.endswith("loss")]
     acc_keys = [k for k in keys if k.endswith("acc") or k.endswith("/cla") or k.endswith("/kl")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, group, label in ((axes[0], loss_keys, "loss"), (axes[1], acc_keys, "accuracy / KL")):
+    panels = [(loss_keys, "loss"), (acc_keys, "accuracy / KL")]
+    if watch in keys and watch not in loss_keys + acc_keys:  # a watched curve of its own kind (Olsson's ICL score)
+        panels.append(([watch], watch))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    for ax, (group, label) in zip(axes, panels, strict=True):
         for k in group:
             xs, ys = _series(rows, k)
             if xs:
@@ -46,7 +49,8 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
         fig.text(0.5, 0.01, "\n".join(textwrap.wrap(note, 180)[:3]), ha="center", va="bottom", fontsize=8,
                  color="tab:green" if note.startswith("induction circuit") else "tab:red")
     # fixed margins: tight_layout draws the figure once more to measure it, as long as the savefig itself
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.2 if note else 0.12, top=0.87, wspace=0.2)
+    fig.subplots_adjust(left=0.06 if len(panels) == 2 else 0.04, right=0.99, bottom=0.2 if note else 0.12, top=0.87,
+                        wspace=0.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

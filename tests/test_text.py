@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lab
+from lab import cli
 from lab.errors import ConfigError
 from lab.tasks import make_task
 from lab.tasks.corpus import open_corpus
@@ -213,11 +214,13 @@ def test_a_short_run_on_a_small_corpus_logs_olssons_measures_and_replays_on_anot
     s = json.loads((run.dir / "summary.json").read_text())
     assert s["circuit"]["is_induction_circuit"] in (True, False) and s["data"]["files"] == 3
     assert s["data"]["tokens"] == sum(len(f.read_bytes()) + 1 for f in corpus.glob("*.txt"))
+    # curves.png gives the watched ICL score (neither a loss nor an accuracy) a third panel of its own
+    import matplotlib.image
+
+    assert matplotlib.image.imread(run.dir / "curves.png").shape[1] == 3 * 6 * 110
     # replay the trained model on another corpus: the held-out split of that one
     other = _text_corpus(tmp_path / "other", files=2, size=3000)
-    out = subprocess.run(lab_cmd("replay", str(run.dir), f"task.path={other}", "--quiet"), capture_output=True,
-                         text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert cli.main(["replay", str(run.dir), f"task.path={other}", "--quiet"]) == 0
 
 
 @pytest.mark.slow  # a text run killed with SIGKILL mid-run, then resumed: ~40 s

@@ -99,8 +99,11 @@ def test_sgd_multiplicative_weight_decay():
                                  "olsson_text"])
 def test_paper_experiments_compose_and_build(exp):
     """Every named experiment composes, validates, and builds its task and model."""
+    # olsson_text's BPE would first train on the whole corpus (half a minute on a fresh machine; tests/test_text.py
+    # trains one on a small corpus): its bytes build the same task and model shapes but the vocabulary
+    fast = ["task.tokenizer=byte"] if exp == "olsson_text" else []
     cfg, _ = load_config([f"experiment={exp}", "tracking.wandb.mode=disabled", "task.eval_size=20",
-                          "measures.names=[none]"])
+                          "measures.names=[none]", *fast])
     tr = Runs(cfg)
     # jitted: op by op, the sampler alone compiles some 200 single-op programs
     logits = jax.jit(lambda p, k: tr.model.apply(p, tr.task.sample(k, 2)))(tr.model.params(), jax.random.PRNGKey(0))
