@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 
+from lab import runlog
 from lab.errors import LabError
 
 # Each subcommand imports what it needs inside its function, on purpose: `lab --help`, a usage error or
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     # a damaged checkpoint makes orbax's asyncio readers fail; the lab reports that in one line itself
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     debug = "--debug" in argv or os.environ.get("LAB_DEBUG") == "1"
+    runlog.keep_terminal = debug  # background threads' and libraries' reports stay on the terminal too
     try:
         parser = _parser()
         args, extra = parser.parse_known_args(argv)

@@ -30,6 +30,7 @@ from lab.measures.phase import detect_transitions, first_crossing, main_transiti
 from lab.measures.phase import flat as phase_flat
 from lab.pictures import AttentionPictures
 from lab.plots import plot_curves
+from lab.runlog import LOG_NAME, background_log
 from lab.runs import Runs, make_clamps
 from lab.state import TrainState
 from lab.tasks import make_task
@@ -144,7 +145,19 @@ class RunSink(Sink):
 
 def execute(trainer: Runs, sinks: list[RunSink], state: TrainState, quiet: bool = False) -> list[Path]:
     """Train the runs of ``state`` (one per sink) to the end; each run directory is written as if its run had
-    trained alone: metrics, checkpoints, then summary, curves and the circuit summary."""
+    trained alone: metrics, checkpoints, then summary, curves and the circuit summary. Libraries' and background
+    threads' reports go to the first run's ``run.log`` (lab.runlog); a failed write that names no file (orbax's
+    savers on a full disk) is reported as a failure to write under that run's directory."""
+    with background_log(sinks[0].dir / LOG_NAME):
+        try:
+            return _execute(trainer, sinks, state, quiet)
+        except OSError as e:
+            if not e.filename:
+                e.filename = str(sinks[0].dir)
+            raise
+
+
+def _execute(trainer: Runs, sinks: list[RunSink], state: TrainState, quiet: bool = False) -> list[Path]:
     n = len(sinks)
     cfg = trainer.cfg
     if not quiet:

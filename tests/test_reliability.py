@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -303,3 +304,60 @@ def test_a_diverging_update_stops_before_anything_reads_its_parameters(tiny, tmp
     cfg, node = load_config(ov)
     with pytest.raises(NonFiniteError, match=r"non-finite update=(inf|nan) at step \d+;"):
         train_run(cfg, node, quiet=True, overrides=ov)
+
+
+# A full disk, simulated where the run writes: at the row of step 40 the metrics write fails with ENOSPC and no file
+# name (as a real file object's write does), after a background thread has died of the same error and a library
+# has logged it (as orbax's saving threads do on a full disk).
+FULL_DISK = """
+import errno, logging, sys, threading
+import lab.tracking
+from lab import cli
+
+write = lab.tracking.Tracker.log
+
+def log(self, row):
+    if row["step"] == 40:
+        def saver():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        t = threading.Thread(target=saver, name="json_ch_save")
+        t.start()
+        t.join()
+        logging.getLogger("absl").error("background save thread raised: [Errno 28] No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write(self, row)
+
+lab.tracking.Tracker.log = log
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # three short runs in subprocesses: ~40 s
+def test_a_disk_that_fills_mid_run_prints_one_line_naming_the_run_and_the_run_resumes_exactly(tmp_path):
+    ov = TINY + ["trainer.steps=80", "checkpoint.every=20"]
+    ref_ov = ov + [f"run.dir={tmp_path / 'ref'}"]
+    cfg, node = load_config(ref_ov)
+    ref = train_run(cfg, node, quiet=True, overrides=ref_ov)
+    victim = tmp_path / "victim"
+    driver = tmp_path / "full_disk.py"
+    driver.write_text(FULL_DISK)
+    p = subprocess.run([sys.executable, str(driver), "train", *ov, f"run.dir={victim}"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert p.returncode == 1
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert errors == [f"error: {victim}: No space left on device (what was saved before is intact; "
+                      "`lab resume RUN_DIR` continues from the last complete checkpoint)"], p.stderr
+    assert "Traceback" not in p.stderr and "absl" not in p.stderr, p.stderr  # the threads' reports are in run.log
+    log = (victim / "run.log").read_text()
+    assert "exception in thread json_ch_save" in log and "background save thread raised" in log
+    done = subprocess.run(lab_cmd("resume", str(victim), "--quiet"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import jax
+
+    a, b = _final_params(ref), _final_params(victim)
+    assert a[0] == b[0] == 80
+    for x, y in zip(jax.tree_util.tree_leaves(a[1]), jax.tree_util.tree_leaves(b[1]), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
+    assert strip(read_metrics(victim / "metrics.jsonl")) == strip(read_metrics(ref / "metrics.jsonl"))
