@@ -199,7 +199,7 @@ def test_icl_score_is_the_late_loss_minus_the_early_loss_on_a_hand_built_case():
 SMALL = ["experiment=olsson_text", "task.tokenizer=byte", "tracking.wandb.mode=disabled", "trainer.progress=false",
          "trainer.steps=40", "trainer.steps_per_call=10", "trainer.eval_every=20", "trainer.eval_log_points=0",
          "checkpoint.every=20", "checkpoint.log_points=0", "task.seq_len=16", "task.eval_size=32", "model.d_model=16",
-         "model.n_heads=2", "trainer.batch_size=8"]
+         "model.n_heads=2", "trainer.batch_size=8", "measures.names=[prev_token,prefix_matching,copying]"]
 
 
 def test_a_short_run_on_a_small_corpus_logs_olssons_measures_and_replays_on_another(tmp_path):
