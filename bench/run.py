@@ -353,10 +353,33 @@ def bench_pictures(rounds: int = 3) -> dict:
             if flag == "on":
                 pictures = len(list(d.glob("attention/*.png")))
     on, off = float(np.median(walls["on"])), float(np.median(walls["off"]))
-    res = {"with_s": on, "without_s": off, "cost": on / off - 1.0, "pictures": pictures}
+    res = {"with_s": on, "without_s": off, "cost": on / off - 1.0, "pictures": pictures,
+           "per_picture_ms": picture_ms()}
     print(f"  demo with attention pictures {on:.1f} s, without {off:.1f} s: cost {100 * res['cost']:+.1f} %",
           file=sys.stderr)
+    print("  one labelled picture (after the first, which renders the frame): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in res["per_picture_ms"].items()), file=sys.stderr)
     return res
+
+
+def picture_ms(reps: int = 20) -> dict[str, float]:
+    """Milliseconds to draw and write one attention PNG at a checkpoint (parameters at init: the cost does not
+    depend on them): the demo's grid (2 layers x 1 head, 32 positions), a wide one (2 x 8) and the real-text
+    experiment's (2 x 4, 128 positions)."""
+    from lab.pictures import AttentionPictures
+
+    out = {}
+    for label, extra in (("demo 2x1 T32", []), ("2x8 T32", ["model.n_heads=8"]),
+                         ("olsson_text 2x4 T128", ["task.seq_len=128", "model.n_heads=4"])):
+        tr = trainer(extra=extra)
+        pics, params = AttentionPictures(tr.model, tr.task), tr.model.params()
+        d = Path(tempfile.mkdtemp())
+        pics.save(params, d / "warm.png")
+        t0 = time.perf_counter()
+        for i in range(reps):
+            pics.save(params, d / f"step{i}.png")
+        out[label] = 1e3 * (time.perf_counter() - t0) / reps
+    return out
 
 
 def _cpu_ticks() -> list[int] | None:

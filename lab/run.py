@@ -94,8 +94,7 @@ class RunSink(Sink):
         """attention/step0001000.png and the wandb image ``attention`` at that step."""
         if self.pictures is not None:
             path = self.pictures.save(state.params, self.dir / "attention" / f"step{step:07d}.png")
-            self.tracker.image("attention", path, step, caption=f"step {step}: rows layers L0.., columns heads "
-                               "H0..; query down, key across; dark = attended")
+            self.tracker.image("attention", path, step, caption=f"step {step}")  # the picture labels itself
 
     def close(self) -> None:
         """End the wandb run and metrics.jsonl (execute closes the checkpointer, once, when training stops)."""

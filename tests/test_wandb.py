@@ -11,6 +11,7 @@ import pytest
 
 from lab.batch import train_batch
 from lab.config import load_config
+from lab.pictures import layout
 from lab.replay import fork_run, replay_run
 from lab.tracking import read_metrics, wandb_id
 
@@ -61,10 +62,13 @@ def test_wandb_holds_group_condition_history_and_phase_per_run(batch):
         for h in hist:
             if "attention.path" in h:
                 assert (log_dir / "files" / h["attention.path"]).stat().st_size > 1000
-                # 2 layers x 4 heads of 96-pixel tiles
-                assert (h["attention.height"], h["attention.width"]) == (2 * 96 + 2, 4 * 96 + 3 * 2)
         assert sorted(p.name for p in (run_dir / "attention").glob("*.png")) == [
             "step0000000.png", "step0000100.png", "step0000200.png"]
+        for h in hist:  # wandb holds the PNG the run directory holds: the labelled grid, 2 layers x 4 heads
+            if "attention.path" in h:
+                png = run_dir / "attention" / f"step{h['_step']:07d}.png"
+                assert (log_dir / "files" / h["attention.path"]).read_bytes() == png.read_bytes()
+                assert len(layout(png)["tiles"]) == 8
         assert hist[-1].get("curves._type") == "image-file"
         summary = {}
         for x in recs:
@@ -100,27 +104,65 @@ def test_a_fork_and_a_replay_name_their_parent_run_in_wandb(batch, tmp_path):
     assert run["job_type"] == "replay" and of["wandb_id"] == parent_run["run_id"] and of["steps"] == [100, 200]
 
 
-def test_an_attention_grid_tile_is_its_heads_pattern():
-    """Tile (layer, head) of the grid shows that head's pattern on the probe: darkness = attention weight."""
+def test_an_attention_picture_labels_every_head_marks_the_repeat_and_each_tile_is_its_heads_pattern(tmp_path):
+    """The PNG carries its layout; each titled tile shows that head's pattern (Greys: white 0, black 1), the
+    causal half is blank, the colour bar runs white to black, and the repeated segment is marked beside the axes."""
     import jax
+    import matplotlib
     import numpy as np
+    from PIL import Image
 
-    from lab.pictures import GAP, TILE, AttentionPictures, probe_sequence
+    from lab.pictures import KEY_MARK, QUERY_MARK, AttentionPictures, layout, probe_sequence
     from lab.runs import Runs
     from tests.conftest import TINY
 
     tr = Runs(load_config(TINY + ["model.n_heads=4"])[0])
     params = tr.model.params()
-    pics = AttentionPictures(tr.model, tr.task)
-    grid = pics.grid(params).astype(np.float32) / 255.0
-    _, cache = tr.model.run_with_cache(params, probe_sequence(tr.task), ["blocks.1.attn.hook_pattern"])
-    pat = np.asarray(jax.device_get(cache["blocks.1.attn.hook_pattern"]))[0, 2]  # L1H2, [query, key]
-    t = pat.shape[-1]
-    y0, x0 = 1 * (TILE + GAP), 2 * (TILE + GAP)
-    for q, k in ((0, 0), (t - 1, 0), (t - 1, t - 1), (t // 2, t // 3)):
-        py, px = y0 + (q * TILE) // t + 1, x0 + (k * TILE) // t + 1
-        assert abs(grid[py, px, 0] - (1.0 - pat[q, k])) < 0.02, (q, k)
-    assert np.all(grid[:TILE, TILE:TILE + GAP] == 1.0)  # white gaps between heads
+    path = AttentionPictures(tr.model, tr.task).save(params, tmp_path / "step.png")
+    lay = layout(path)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
+    assert sorted(lay["tiles"]) == [f"L{la}H{h}" for la in range(2) for h in range(4)]
+    probe = probe_sequence(tr.task)
+    names = [f"blocks.{la}.attn.hook_pattern" for la in range(2)]
+    _, cache = tr.model.run_with_cache(params, probe, names)
+    lut = (matplotlib.colormaps["Greys"](np.linspace(0, 1, 256))[:, :3] * 255).round()
+    t = lay["positions"]
+    assert t == probe["tokens"].shape[-1]
+    for name, (x0, y0, x1, y1) in lay["tiles"].items():
+        la, h = int(name[1]), int(name[3])
+        pat = np.asarray(jax.device_get(cache[names[la]]))[0, h]  # [query, key]
+        for q in range(t):
+            for k in range(t):
+                py = y0 + int((q + 0.5) * (y1 - y0) / t)  # the middle pixel of cell (q, k)
+                px = x0 + int((k + 0.5) * (x1 - x0) / t)
+                want = lut[int(round(min(max(pat[q, k], 0.0), 1.0) * 255))]
+                assert np.abs(img[py, px] - want).max() <= 2, (name, q, k)
+                if k > q:
+                    assert img[py, px].min() >= 250, (name, q, k)  # causal: nothing attended ahead
+        title = img[max(0, y0 - 22):y0 - 3, x0:x1]
+        assert title.min() < 100, name  # the head's name is written above its tile
+    cx0, cy0, cx1, cy1 = lay["colorbar"]
+    mid = (cx0 + cx1) // 2
+    assert img[cy0 + 2, mid].max() < 40 and img[cy1 - 3, mid].min() > 215  # black at 1 (top), white at 0
+    # the probe's repeat: the copy's queries (orange, left of the rows) and their induction targets (blue, below)
+    assert lay["marks"]["queries"] and len(lay["marks"]["queries"]) == len(lay["marks"]["keys"])
+    orange = np.array(matplotlib.colors.to_rgb(QUERY_MARK)) * 255
+    blue = np.array(matplotlib.colors.to_rgb(KEY_MARK)) * 255
+    x0, y0, x1, y1 = lay["tiles"]["L1H0"]
+
+    def row_px(q):
+        return y0 + int((q + 0.5) * (y1 - y0) / t)
+
+    def col_px(k):
+        return x0 + int((k + 0.5) * (x1 - x0) / t)
+
+    def near(pixels, colour):
+        return bool((np.abs(pixels - colour).max(-1) < 40).any())
+
+    for q in range(t):
+        assert near(img[row_px(q), x0 - 9:x0], orange) == (q in lay["marks"]["queries"]), q
+    for k in range(t):
+        assert near(img[y1:y1 + 9, col_px(k)], blue) == (k in lay["marks"]["keys"]), k
 
 
 def test_compare_logs_the_phase_table_figures_and_attention_as_a_compare_run(batch, tmp_path):

@@ -87,6 +87,12 @@ class Task:
 
         return repeated_probe(key, n, self.seq_len, self.n_outputs, getattr(self, "bos", None))
 
+    def picture_probe(self) -> Batch:
+        """The one sequence the attention pictures show at every checkpoint (lab.pictures), as a batch of one: the
+        first sequence of the first evaluation set."""
+        first = next(iter(self.evals.values()))
+        return jax.tree_util.tree_map(lambda a: a[:1], first)
+
     # Whether `loss_mask` selects a handful of query positions (classification) or many tokens.
     classification: bool = False
     # What the task's data came from (a corpus's files, tokens and content key), recorded in summary.json as ``data``.

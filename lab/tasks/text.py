@@ -165,6 +165,10 @@ class TextTask(Task):
         """Where prefix matching is measured: the repeat evaluator's kind of sequence (frequent tokens)."""
         return {"tokens": self.repeat_batch(key, n)["tokens"]}
 
+    def picture_probe(self) -> Batch:
+        """The repeat evaluator's first sequence: natural text repeats little, Olsson's probe shows the heads."""
+        return jax.tree_util.tree_map(lambda a: a[:1], self.evals["repeat"])
+
     def build_evals(self) -> dict[str, Batch]:
         held = self._batch(jnp.asarray(self.heldout_windows(self.cfg.eval_size, self.cfg.eval_seed)))
         repeat = self.repeat_batch(eval_key(self.cfg.eval_seed, "repeat"), self.cfg.eval_size)
