@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 TL := .venv-tl
 TL_STAMP := $(TL)/.installed
 
-.PHONY: demo test test-slow lint bench bench-tl-env device-wheels venv clean
+DOCS_STAMP := $(VENV)/.docs-installed
+
+.PHONY: demo test test-slow lint bench bench-tl-env device-wheels venv clean docs docs-build check-experiments
 
 venv: $(STAMP)
 
@@ -32,6 +34,24 @@ test-slow: $(STAMP) $(TL_STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# every experiment's default over 5 seeds as batches (hours on 2 cores for all; --experiments picks some):
+# the table of seeds with an induction circuit, median transition step and time
+check-experiments: $(STAMP)
+	$(BIN)/python bench/check_experiments.py $(ARGS)
+
+# the documentation site (mkdocs.yml, docs/): the notebooks are executed in their small mode first (docs/hooks/)
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,docs]" -e examples/noisy_copy
+	touch $(DOCS_STAMP)
+
+# strict: every link, anchor and API reference must resolve; a fresh execution of the notebooks
+docs-build: $(DOCS_STAMP)
+	rm -rf docs/notebooks
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 # the optional torch environment, .venv-tl: TransformerLens (the baseline of `make bench`) and devinterp (its LLC
 # on lab checkpoints, side by side with the lab's: bench/devinterp_side_by_side.py, and the slow suite)
 bench-tl-env: $(TL_STAMP)
@@ -51,4 +71,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(TL) .pytest_cache
+	rm -rf $(VENV) $(TL) .pytest_cache site docs/notebooks

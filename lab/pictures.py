@@ -10,8 +10,8 @@ queries that repeat an earlier token, a blue bar under the columns of the keys a
 dark where the orange rows meet the blue columns, one position past the diagonal of the first copy.
 
 Drawing a labelled figure at every checkpoint would cost a matplotlib render each time, so the frame (titles,
-axes, ticks, marks, colour bar) is rendered once per program and each picture only fills the tiles' pixels and
-writes the PNG (``bench/run.py``'s ``attention picture`` row measures it). The PNG's text chunk
+axes, ticks, marks, colour bar) is rendered once per process and grid shape, and each picture only fills the
+tiles' pixels and writes the PNG (``bench/run.py``'s ``pictures`` section measures it). The PNG's text chunk
 ``induction-lab`` holds the layout as JSON (each tile's pixel box by head name, the colour bar's box, the marks),
 so a reader (or a test) can find every head's tile. ``tracking.attention_images=false`` switches pictures off.
 """
@@ -19,14 +19,12 @@ so a reader (or a test) can find every head's tile. ``tracking.attention_images=
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import jax
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -75,6 +73,10 @@ class Frame:
     """The grid's frame, rendered once: an RGB image with every tile blank, and each tile's pixel box."""
 
     def __init__(self, layers: int, heads: int, t: int, marks: dict[str, list[int]]):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # drawn once per process and shape: imported
+        from matplotlib.figure import Figure  # where first needed, so a process that draws nothing never pays
+        from matplotlib.lines import Line2D
+
         tile_in = max(1.1, min(t, 160) / DPI)
         legend = bool(marks["queries"])
         width = max(heads * (tile_in + 0.3) + 1.3, 3.8 if legend else 0.0)
@@ -130,6 +132,12 @@ class Frame:
                                     "marks": marks})
 
 
+@lru_cache(maxsize=16)
+def frame_for(layers: int, heads: int, t: int, queries: tuple[int, ...], keys: tuple[int, ...]) -> Frame:
+    """One frame per grid shape and marks in a process (every run of a sweep, every test, shares it)."""
+    return Frame(layers, heads, t, {"queries": list(queries), "keys": list(keys)})
+
+
 class AttentionPictures:
     """Renders a run's attention grid at given parameters; one compiled forward pass and one frame serve every
     run of a program (their models share shapes)."""
@@ -148,7 +156,8 @@ class AttentionPictures:
     @property
     def frame(self) -> Frame:
         if self._frame is None:
-            self._frame = Frame(self.layers, self.heads, self.positions, self.marks)
+            self._frame = frame_for(self.layers, self.heads, self.positions, tuple(self.marks["queries"]),
+                                    tuple(self.marks["keys"]))
         return self._frame
 
     def grid(self, params) -> np.ndarray:

@@ -48,3 +48,25 @@ def test_train_of_several_seeds_returns_a_run_each(tmp_path):
                      f"run.dir={tmp_path}")
     assert [r.config.seed for r in runs] == [0, 1]
     assert all(r.steps == [0, 20] for r in runs) and runs[0].dir != runs[1].dir
+
+
+@pytest.mark.slow  # the full demo and a fork of it, ~1-2 min
+def test_the_readme_python_tour_runs_as_written(tmp_path, monkeypatch):
+    """The README's "From Python" block, executed verbatim in a fresh folder: it trains the demo (seed 3), finds
+    the circuit, forks it clamped and compares the two."""
+    import re
+
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## From Python"):]
+    (code,) = re.findall(r"```python\n(.*?)```", section[:section.index("\n## ", 5)], re.S)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    run, child = scope["run"], scope["child"]
+    assert scope["same"].dir == run.dir and run.dir.is_relative_to(tmp_path / "runs" / "demo")
+    assert run.summary["circuit"]["is_induction_circuit"], run.summary["circuit"]["line"]
+    assert scope["cache"]["blocks.1.attn.hook_pattern"].shape[-2:] == (32, 32)
+    assert child.summary["parent"]["step"] == 1000 and "circuit_as_trained" in child.summary
+    assert (tmp_path / "compare" / "report.html").is_file()

@@ -35,6 +35,7 @@ def batch(tmp_path_factory):
     root = tmp_path_factory.mktemp("wb") / "b"
     ov = TINY + ["model.n_heads=4", "trainer.steps=200", "trainer.eval_every=10", "checkpoint.every=100",
                  "conditions=[none,prev_token]", "tracking.wandb.mode=offline", "watch_threshold=3.0",
+                 "tracking.attention_images=true",
                  f"run.dir={root}"]
     cfg, node = load_config(ov)
     return train_batch(cfg, node, ov, quiet=True)
@@ -238,7 +239,8 @@ def test_attention_pictures_on_request_at_steps_that_are_no_checkpoint(tmp_path)
     from lab.run import train_run
     from tests.conftest import TINY
 
-    ov = TINY + ["tracking.attention_at=[5,25]", "tracking.wandb.mode=offline", f"run.dir={tmp_path / 'r'}"]
+    ov = TINY + ["tracking.attention_images=true", "tracking.attention_at=[5,25]", "tracking.wandb.mode=offline",
+                 f"run.dir={tmp_path / 'r'}"]
     run_dir = train_run(*load_config(ov), quiet=True)
     assert sorted(p.name for p in (run_dir / "attention").glob("*.png")) == [
         "step0000000.png", "step0000005.png", "step0000025.png", "step0000030.png", "step0000060.png"]
@@ -248,4 +250,4 @@ def test_attention_pictures_on_request_at_steps_that_are_no_checkpoint(tmp_path)
     hist = [x["history"]["item"] for x in wandb_records(run_dir) if x["type"] == "history"]
     assert [h["_step"] for h in hist if h.get("attention._type") == "image-file"] == [0, 5, 25, 30, 60]
     with pytest.raises(ConfigError, match=r"tracking.attention_at.*trainer.steps=60"):
-        load_config(TINY + ["tracking.attention_at=[90]"])
+        load_config(TINY + ["tracking.attention_images=true", "tracking.attention_at=[90]"])

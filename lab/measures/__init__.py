@@ -118,7 +118,7 @@ def repeated_probe(key, n: int, t: int, vocab: int, bos: int | None = None) -> d
 
     The layout varies per sequence so that no fixed offset coincides with the induction target: with
     the second half repeating the first, a head that attends t/2 - 1 back by position alone would score
-    as an induction head (the old repeat task's layer-0 heads did)."""
+    as an induction head (the fixed layout's layer-0 heads do: ``task.layout=fixed``)."""
     body = t - 1 if bos is not None else t
     table = length_table(list(range(2, max(2, body // 2) + 1)), body // 2 + 1)
     draws = {"tokens": (max(vocab, body),), "length": (), "bars": (body + 2,)}
