@@ -27,6 +27,10 @@ side_by_side.json and llc_side_by_side.png to --out.
 
 from __future__ import annotations
 
+import matplotlib
+
+matplotlib.use("Agg")  # figures to files, whatever the display
+
 import argparse
 import json
 import subprocess
@@ -41,10 +45,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import matplotlib.pyplot as plt  # noqa: E402  (a script: matplotlib.use("Agg") above)
+
 from lab.devinterp import json_safe, load_checkpoints  # noqa: E402
 from lab.errors import LabError  # noqa: E402
 from lab.measures.llc import LLCSettings, default_nbeta, estimate, map_chains  # noqa: E402
-from lab.plots import plt  # noqa: E402
 from lab.transformerlens import tl_config, tl_state_dict  # noqa: E402
 
 PEER = Path(__file__).resolve().parent / "devinterp_peer.py"

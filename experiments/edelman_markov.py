@@ -4,12 +4,17 @@ in-context unigram and in-context bigram strategies, with the detected transitio
 Run:  .venv/bin/python experiments/edelman_markov.py
 """
 
+import matplotlib
+
+matplotlib.use("Agg")  # figures to files, whatever the display
+
 import argparse
 from pathlib import Path
 
+import matplotlib.pyplot as plt  # noqa: E402  (a script: matplotlib.use("Agg") above)
+
 from lab.config import load_config
 from lab.measures.phase import detect_transitions
-from lab.plots import plt
 from lab.run import train_run
 from lab.tracking import read_metrics
 

@@ -4,12 +4,17 @@ in-context (ic) vs in-weights (iw) accuracy at the end of training, as a table a
 Run:  .venv/bin/python experiments/reddy_data.py --steps 6000
 """
 
+import matplotlib
+
+matplotlib.use("Agg")  # figures to files, whatever the display
+
 import argparse
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt  # noqa: E402  (a script: matplotlib.use("Agg") above)
+
 from lab.conditions import run_conditions
-from lab.plots import plt
 
 
 def main():

@@ -9,13 +9,18 @@ Writes reddy_mechanism.png and prints the transition midpoints.
 Run:  .venv/bin/python experiments/reddy_mechanism.py --steps 30000
 """
 
+import matplotlib
+
+matplotlib.use("Agg")  # figures to files, whatever the display
+
 import argparse
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt  # noqa: E402  (a script: matplotlib.use("Agg") above)
+
 from lab.config import load_config
 from lab.measures.phase import detect_transitions
-from lab.plots import plt
 from lab.run import train_run
 from lab.tracking import read_metrics
 

@@ -18,7 +18,7 @@ import yaml
 
 from lab.errors import LabError
 from lab.measures.phase import detect_transitions, first_crossing, main_transition
-from lab.plots import plt
+from lab.plots import figure
 from lab.tracking import read_metrics
 
 
@@ -117,7 +117,7 @@ def phase_table(groups: dict[str, list[dict]], metric: str, x: str, threshold: f
 
 
 def plot_metric(groups, metric: str, x: str, path: Path, hlines: dict | None = None) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure(figsize=(8, 5))
     for i, (label, group) in enumerate(groups.items()):
         a = aligned(group, metric, x)
         if a is None:
@@ -141,7 +141,6 @@ def plot_metric(groups, metric: str, x: str, path: Path, hlines: dict | None = N
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from lab.config import from_yaml
 from lab.errors import LabError
 from lab.measures.llc import LLCSettings, diagnose, estimate, map_chains
-from lab.plots import plt
+from lab.plots import figure
 from lab.rundir import check_run_dir, complete_steps, restore_state
 
 RESTRICTION = re.compile(r"^(all|L(\d+)|L(\d+)H(\d+))$")
@@ -153,7 +153,7 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
 def plot_llc(results: dict, transitions: list[dict], path: Path, title: str = "") -> None:
     """LLC against step with its standard error; the whole model's on the left axis, restricted ones (a layer's,
     a head's: far smaller) on the right."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = figure(figsize=(8, 4.5))
     twin = ax.twinx() if any(r != "all" for r in results) and "all" in results else None
     for i, (r, rows) in enumerate(results.items()):
         x = np.array([row["step"] for row in rows], float)
@@ -171,7 +171,6 @@ def plot_llc(results: dict, transitions: list[dict], path: Path, title: str = ""
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _log_llc(run_dir: Path, cfg, results: dict, s: LLCSettings, png: Path, mode: str | None) -> None:
@@ -267,7 +266,7 @@ def essential_dynamics(run_dir, components: int = 3, probe: int = 64, steps: lis
 
 
 def plot_dynamics(steps, coords, turns, transitions, explained, path: Path, title: str = "") -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a, b) = figure(1, 2, figsize=(12, 4.5))
     if coords.shape[1] >= 2:
         a.plot(coords[:, 0], coords[:, 1], color="lightgray", lw=1, zorder=1)
         sc = a.scatter(coords[:, 0], coords[:, 1], c=steps, cmap="viridis", s=25, zorder=2)
@@ -292,7 +291,6 @@ def plot_dynamics(steps, coords, turns, transitions, explained, path: Path, titl
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---- calibration ---------------------------------------------------------------------------------------------
@@ -372,8 +370,7 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     (out / "calibration.json").write_text(json.dumps(json_safe(doc), indent=2))
     traces = (np.asarray(res["loss"]) - np.asarray(res["ref"])) * np.asarray(nb_arr)[:, None, None]
     rows = [(g, nb) for g in gamma for nb in nbeta]
-    fig, axs = plt.subplots(len(rows), len(eps), figsize=(2.6 * len(eps), 2.1 * len(rows)), squeeze=False,
-                            sharex=True)
+    fig, axs = figure(len(rows), len(eps), figsize=(2.6 * len(eps), 2.1 * len(rows)), squeeze=False, sharex=True)
     for j, c in enumerate(cells):
         ax = axs[rows.index((c["gamma"], c["nbeta"])), eps.index(c["eps"])]
         ax.plot(traces[j].T, lw=0.7)
@@ -389,5 +386,4 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     fig.suptitle(f"nβ (loss - start) per chain at step {step}; green: recommended, red: diagnostics", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle above the top row
     fig.savefig(out / "calibration.png", dpi=110)
-    plt.close(fig)
     return out

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import textwrap
 
-import matplotlib.pyplot as plt  # noqa: E402
+def figure(rows: int = 1, cols: int = 1, figsize=(8, 5), **subplots):
+    """(figure, axes) drawn straight to a file, outside pyplot: the lab never chooses the user's matplotlib
+    backend (a notebook that imports it keeps its inline figures) and never leaves a figure open."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **subplots)
 
 
 def _series(rows, key):
@@ -26,7 +29,7 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
     panels = [(loss_keys, "loss"), (acc_keys, "accuracy / KL")]
     if watch in keys and watch not in loss_keys + acc_keys:  # a watched curve of its own kind (Olsson's ICL score)
         panels.append(([watch], watch))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    fig, axes = figure(1, len(panels), figsize=(6 * len(panels), 4.5))
     for ax, (group, label) in zip(axes, panels, strict=True):
         for k in group:
             xs, ys = _series(rows, k)
@@ -52,13 +55,12 @@ def plot_curves(rows: list[dict], path: str | Path, title: str = "", watch: str 
     fig.subplots_adjust(left=0.06 if len(panels) == 2 else 0.04, right=0.99, bottom=0.2 if note else 0.12, top=0.87,
                         wspace=0.2)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_conditions(curves: dict[str, list[tuple[float, float]]], path: str | Path, ylabel: str, xlabel: str = "step",
                     title: str = "", hlines: dict[str, float] | None = None, logx: bool = True) -> None:
     """One curve per condition on shared axes: {label: [(x, y), ...]}."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure(figsize=(8, 5))
     for label, pts in curves.items():
         pts = [p for p in pts if p[0] > 0 or not logx]
         if pts:
@@ -75,4 +77,3 @@ def plot_conditions(curves: dict[str, list[tuple[float, float]]], path: str | Pa
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -65,8 +65,22 @@ def test_the_readme_python_tour_runs_as_written(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     run, child = scope["run"], scope["child"]
-    assert scope["same"].dir == run.dir and run.dir.is_relative_to(tmp_path / "runs" / "demo")
+    assert scope["same"].dir == run.dir and run.dir.resolve().is_relative_to(tmp_path.resolve() / "runs" / "demo")
     assert run.summary["circuit"]["is_induction_circuit"], run.summary["circuit"]["line"]
     assert scope["cache"]["blocks.1.attn.hook_pattern"].shape[-2:] == (32, 32)
     assert child.summary["parent"]["step"] == 1000 and "circuit_as_trained" in child.summary
     assert (tmp_path / "compare" / "report.html").is_file()
+
+
+def test_importing_the_lab_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    """A notebook keeps its inline figures after `import lab` and the lab's plotting: the lab draws on Figure
+    objects straight to files and never calls matplotlib.use."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import lab.plots, lab.comparison, lab.devinterp, lab.run; "
+            "lab.plots.plot_curves([{'step': 1, 'train/loss': 1.0}, {'step': 2, 'train/loss': 0.5}], 'c.png'); "
+            "import matplotlib.pyplot as plt; print(matplotlib.get_backend(), len(plt.get_fignums()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["svg", "0"] and (tmp_path / "c.png").stat().st_size > 10_000
