@@ -65,7 +65,7 @@ def read(experiment: str, out: Path, wall: float) -> dict:
     mids = [r["transition_mid"] for r in counted if r["transition_mid"] is not None]
     return {"experiment": experiment, "seeds": len(runs), "steps": runs[0]["steps"] if runs else None,
             "has_circuit_summary": any(r["circuit"] is not None for r in runs),
-            "circuits": len(with_circuit), "transitions": len(mids),
+            "circuits": len(with_circuit), "median_of": len(mids),  # seeds whose transition the median takes
             "median_transition": statistics.median(mids) if mids else None, "seconds": wall, "runs": runs}
 
 

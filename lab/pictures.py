@@ -149,16 +149,14 @@ class AttentionPictures:
         self.positions = int(np.shape(probe["tokens"] if "tokens" in probe else probe["targets"])[-1])
         self.marks = repeat_marks(task, probe)
         self.patterns = jax.jit(lambda p: [model.run_with_cache(p, probe, names)[1][n][0] for n in names])
-        self._frame: Frame | None = None
         lut = matplotlib.colormaps[CMAP](np.linspace(0.0, 1.0, 256))[:, :3]
         self._lut = (lut * 255).round().astype(np.uint8)  # attention quantised to 256 levels -> RGB
 
     @property
     def frame(self) -> Frame:
-        if self._frame is None:
-            self._frame = frame_for(self.layers, self.heads, self.positions, tuple(self.marks["queries"]),
-                                    tuple(self.marks["keys"]))
-        return self._frame
+        """Rendered at the first picture, not at construction: a run with no checkpoint draws nothing."""
+        return frame_for(self.layers, self.heads, self.positions, tuple(self.marks["queries"]),
+                         tuple(self.marks["keys"]))
 
     def grid(self, params) -> np.ndarray:
         """[height, width, 3] uint8: the frame with every tile filled by its head's pattern [query, key]."""
