@@ -19,7 +19,7 @@ from lab.errors import LabError
 from lab.measures.mechanism import CircuitSummary, flat
 from lab.run import RunSink, execute
 from lab.rundir import check_run_dir, complete_steps, load_run_config, restore_state, run_overrides
-from lab.runs import Runs
+from lab.runs import Runs, make_clamps
 from lab.tracking import Tracker, read_metrics, wandb_id
 
 
@@ -101,7 +101,9 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
                wandb_mode: str | None = None) -> Path:
     """Evaluate the run's evaluators and measures (and any probe clamps given in ``overrides``,
     e.g. ``+measures.clamps.pm={...}``) at saved checkpoints; rows go to RUN_DIR/replay.jsonl and to
-    wandb (same group, job_type ``replay``)."""
+    wandb (same group, job_type ``replay``). The circuit summary is flattened as ``circuit/...`` (the model
+    without clamps) and, for a run trained with clamps, also ``circuit_as_trained/...`` (its own clamps acting
+    as they did at that step), the two views of the final summary, at every checkpoint."""
     run_dir = check_run_dir(run_dir)
     rundir.lock(run_dir)
     extra = list(overrides)
@@ -147,6 +149,11 @@ def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: li
             row.update(trainer.measures(state.params))
             if circuit is not None:
                 row.update(flat(circuit(state.params, row)))
+                if cfg.clamps:  # the circuit the run trained with: its own clamps, as they acted at this step
+                    # (a summariser per checkpoint: the clamps' windows and frozen snapshots depend on the step)
+                    trained = CircuitSummary(trainer.model, trainer.task, step=s, frozen=state.frozen,
+                                             clamps=make_clamps(cfg.clamps, trainer.model, trainer.task))
+                    row.update(flat(trained(state.params, row), "circuit_as_trained/"))
             jax.block_until_ready(state)
             tracker.log(row)
     finally:

@@ -14,8 +14,9 @@ QUIET = ["tracking.wandb.mode=disabled", "trainer.progress=false", "checkpoint.e
 
 
 def _train(overrides, tmp_path, name):
-    cfg, node = load_config([*overrides, *QUIET, f"run.dir={tmp_path / name}"])
-    run = train_run(cfg, node, quiet=True)
+    given = [*overrides, *QUIET, f"run.dir={tmp_path / name}"]
+    cfg, node = load_config(given)
+    run = train_run(cfg, node, quiet=True, overrides=given)  # recorded, as the CLI does: replay re-composes them
     return json.loads((run / "summary.json").read_text())
 
 
@@ -87,3 +88,11 @@ def test_a_clamped_run_is_summarised_as_trained_and_without_its_clamps(tmp_path)
 
     text = show(tmp_path / "clamped")
     assert "without clamps: " + free["line"] in text and trained["line"] in text
+    # lab replay gives both views at every checkpoint it reads, the same as the final summary's at the last step
+    from lab.replay import replay_run
+    from lab.tracking import read_metrics
+
+    rows = read_metrics(replay_run(tmp_path / "clamped", steps=[40], quiet=True, wandb_mode="disabled"))
+    assert rows[-1]["circuit_as_trained/prev_token"] == pytest.approx(trained["prev_token"], abs=1e-5)
+    assert rows[-1]["circuit/prev_token"] == pytest.approx(free["prev_token"], abs=1e-5)
+    assert rows[-1]["circuit_as_trained/prev_token"] > 0.95 > 0.5 > rows[-1]["circuit/prev_token"]
