@@ -227,7 +227,7 @@ def _llc(args) -> int:
         check(steps is None or len(steps) == 1, "--steps", args.steps, "one checkpoint step with --calibrate")
         out = calibrate(args.run_dir, step=steps[0] if steps else None, eps=grids["--eps-grid"],
                         nbeta=grids["--nbeta-grid"], gamma=grids["--gamma-grid"], settings=s, batch_size=b,
-                        seed=args.seed or 0)
+                        seed=args.seed or 0, quiet=args.quiet)
         doc = json.loads((out / "calibration.json").read_text())
         for r in doc["recommended"]:
             stable = {None: "", True: ", the same at the neighbouring gamma", False: ", NOT the same at the "

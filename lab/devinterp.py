@@ -103,6 +103,14 @@ def restriction_mask(params: dict, spec: str, trainable) -> dict:
     return jax.tree_util.tree_map_with_path(leaf, params, trainable)
 
 
+def ticked(result: dict, bar) -> dict:
+    """``result``, and a tick of ``bar`` once it is computed: the progress of one program that estimates many
+    checkpoints (or calibration cells) one after another (a host callback per estimate: negligible)."""
+    if bar is not None:
+        jax.debug.callback(lambda _: bar.update(1), result["mean"])
+    return result
+
+
 def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict: list[str] = ("all",),
                          steps: list[int] | None = None, batch_size: int | None = None, seed: int = 0,
                          wandb_mode: str | None = None, quiet: bool = False) -> Path:
@@ -126,12 +134,12 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
     out.mkdir(exist_ok=True)
     sample = lambda k: trainer.task.sample(k, b)  # noqa: E731
     results, traces = {}, {}
-    todo = restrict if quiet else tqdm(restrict, desc=f"llc: {len(steps)} checkpoints x {s.chains} chains x "
-                                                      f"{s.steps} steps per restriction", unit="restriction",
-                                       file=sys.stderr)
-    for i, r in enumerate(todo):
+    bar = None if quiet else tqdm(total=len(restrict) * len(steps), unit="checkpoint", file=sys.stderr,
+                                  desc=f"llc: {len(restrict)} restriction(s) x {len(steps)} checkpoints x {s.chains} "
+                                       f"chains x {s.steps} steps")
+    for i, r in enumerate(restrict):
         run = jax.jit(lambda P, K, m=masks[r]: map_chains(
-            lambda a: estimate(trainer.program.loss, a[0], sample, a[1], s, trainable=m), (P, K)))
+            lambda a: ticked(estimate(trainer.program.loss, a[0], sample, a[1], s, trainable=m), bar), (P, K)))
         keys = jax.random.split(jax.random.PRNGKey(seed + i), len(steps))
         res = jax.device_get(run(stacked, keys))
         traces[r] = s.nbeta * (np.asarray(res["loss"]) - np.asarray(res["ref"]))
@@ -139,6 +147,8 @@ def llc_over_checkpoints(run_dir, settings: LLCSettings | None = None, restrict:
                        "chains": [float(x) for x in res["llc"][j]],
                        "below_start": [float(x) for x in res["below_start"][j]],
                        "diagnostics": diagnose({k: v[j] for k, v in res.items()}, s)} for j, st in enumerate(steps)]
+    if bar is not None:
+        bar.close()
     transitions = run_transitions(run_dir)
     doc = {"run_dir": str(run_dir), "settings": asdict(s), "batch_size": b, "seed": seed, "steps": steps,
            "restrictions": results, "transitions": transitions}
@@ -296,7 +306,7 @@ def plot_dynamics(steps, coords, turns, transitions, explained, path: Path, titl
 # ---- calibration ---------------------------------------------------------------------------------------------
 def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
               nbeta: list[float] | None = None, settings: LLCSettings | None = None, batch_size: int | None = None,
-              seed: int = 0, gamma: list[float] | None = None) -> Path:
+              seed: int = 0, gamma: list[float] | None = None, quiet: bool = False) -> Path:
     """The ε x nβ (x γ) sweep devinterp's notebooks do by hand, as one program at one checkpoint (default
     the last): every cell's chains, their traces plotted per cell, and a recommendation. A cell is usable when its
     diagnostics are clean (finite, not escaping, stationary, not negative); for each nβ and γ the recommended ε is
@@ -326,16 +336,21 @@ def calibrate(run_dir, step: int | None = None, eps: list[float] = (1e-5, 3e-5, 
     gamma = sorted(set(gamma or [s.gamma]))
     eps = sorted(set(eps))
     grid = [(e, nb, g) for g in gamma for nb in nbeta for e in eps]
+    bar = None if quiet else tqdm(total=len(grid), unit="cell", file=sys.stderr,
+                                  desc=f"llc --calibrate at step {step}: eps x nbeta x gamma cells x {s.chains} "
+                                       f"chains x {s.steps} steps")
     trainable = jax.tree_util.tree_map(lambda f: not f, trainer.model.frozen_mask(p))
     sample = lambda k: trainer.task.sample(k, b)  # noqa: E731
 
     def cell(e, nb, g, k):  # ε, nβ and γ are traced: the whole grid is one program
-        return estimate(trainer.program.loss, p, sample, k, dataclasses.replace(s, eps=e, nbeta=nb, gamma=g),
-                        trainable=trainable)
+        return ticked(estimate(trainer.program.loss, p, sample, k, dataclasses.replace(s, eps=e, nbeta=nb, gamma=g),
+                               trainable=trainable), bar)
 
     e_arr, nb_arr, g_arr = (jnp.asarray([c[i] for c in grid], jnp.float32) for i in (0, 1, 2))
     keys = jax.random.split(jax.random.PRNGKey(seed), len(grid))
     res = jax.device_get(jax.jit(lambda *xs: map_chains(lambda a: cell(*a), xs))(e_arr, nb_arr, g_arr, keys))
+    if bar is not None:
+        bar.close()
     cells = []
     for j, (e, nb, g) in enumerate(grid):
         sj = dataclasses.replace(s, eps=e, nbeta=nb, gamma=g)
