@@ -207,3 +207,33 @@ def test_transformerlens_export_names_shapes_and_refusals():
                             n_outputs=8)
         with pytest.raises(LabError, match=f"^model.{field}={value}: TransformerLens export needs"):
             tl_config(other)
+
+
+def test_the_text_stages_read_head_births_and_the_llcs_turns_from_a_runs_files():
+    """experiments/text_stages.py: a head is born at the first logged step its best score exceeds 0.3 (layer 0
+    for previous-token heads, later layers for prefix matching); the LLC's turns are its prominent extrema."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("text_stages", ROOT / "experiments" / "text_stages.py")
+    stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stages)
+    log = [{"step": 0, "prev_token/L0H0": 0.1, "prev_token/L0H1": 0.0, "prefix_matching/L1H0": 0.0},
+           {"step": 100, "prev_token/L0H0": 0.2, "prev_token/L0H1": 0.31, "prefix_matching/L1H0": 0.1,
+            "prev_token/L1H0": 0.9},  # a later layer's previous-token score is no layer-0 head's
+           {"step": 200, "prev_token/L0H0": 0.2, "prev_token/L0H1": 0.4, "prefix_matching/L1H0": 0.2},
+           {"step": 200, "prefix_matching/L1H0": 0.5},  # a step logged twice (a fork): the later row wins
+           {"step": 300, "prev_token/L0H0": 0.2, "prev_token/L0H1": 0.4, "prefix_matching/L1H0": 0.6}]
+    rows = stages.per_step(log)
+    assert list(rows) == [0, 100, 200, 300] and rows[200]["prefix_matching/L1H0"] == 0.5
+    prev = stages.head_births(rows, "prev_token", [0])
+    assert prev["birth"] == 100 and prev["top_head"] == "L0H1" and "prev_token/L1H0" not in prev["heads"]
+    assert stages.head_births(rows, "prefix_matching", [1])["birth"] == 200
+    assert stages.head_births(rows, "copying", [1])["birth"] is None
+    llc = {"restrictions": {"all": [{"step": s, "llc": v, "std_err": 0.1} for s, v in
+                                    zip([0, 10, 100, 1000, 2000, 4000, 8000], [2, 3, 8, 5, 5.1, 9, 10], strict=True)]}}
+    found = stages.llc_stages(llc, prominence=0.1)
+    assert [(t["step"], t["kind"]) for t in found["turns"]] == [(100, "maximum"), (1000, "minimum")]
+    assert found["turns"][1]["to_step"] == 2000  # the minimum is a flat stretch: 5.0 and 5.1
+    assert found["loglog_slopes"][0] == {"from": 10.0, "to": 100.0, "slope": pytest.approx(np.log(8 / 3) / np.log(10))}
