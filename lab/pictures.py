@@ -11,7 +11,8 @@ dark where the orange rows meet the blue columns, one position past the diagonal
 
 Drawing a labelled figure at every checkpoint would cost a matplotlib render each time, so the frame (titles,
 axes, ticks, marks, colour bar) is rendered once per process and grid shape, and each picture only fills the
-tiles' pixels and writes the PNG (``bench/run.py``'s ``pictures`` section measures it). The PNG's text chunk
+tiles' pixels and writes the PNG, on a thread of its own while training goes on (``AttentionPictures.submit``;
+``bench/run.py``'s ``pictures`` section measures the cost). The PNG's text chunk
 ``induction-lab`` holds the layout as JSON (each tile's pixel box by head name, the colour bar's box, the marks),
 so a reader (or a test) can find every head's tile. ``tracking.attention_images=false`` switches pictures off.
 """
@@ -19,6 +20,7 @@ so a reader (or a test) can find every head's tile. ``tracking.attention_images=
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -132,6 +134,13 @@ class Frame:
                                     "marks": marks})
 
 
+@lru_cache(maxsize=1)
+def _writer() -> ThreadPoolExecutor:
+    """The one thread that fills and writes pictures for every run of the process, in the order submitted (the
+    frame's render included: it is cached, so it must be made once, by one thread)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lab-pictures")
+
+
 @lru_cache(maxsize=16)
 def frame_for(layers: int, heads: int, t: int, queries: tuple[int, ...], keys: tuple[int, ...]) -> Frame:
     """One frame per grid shape and marks in a process (every run of a sweep, every test, shares it)."""
@@ -160,7 +169,10 @@ class AttentionPictures:
 
     def grid(self, params) -> np.ndarray:
         """[height, width, 3] uint8: the frame with every tile filled by its head's pattern [query, key]."""
-        pats = [np.asarray(p, np.float32) for p in jax.device_get(self.patterns(params))]  # [heads, T, T] each
+        return self.fill([np.asarray(p, np.float32) for p in jax.device_get(self.patterns(params))])
+
+    def fill(self, pats: list[np.ndarray]) -> np.ndarray:
+        """The frame with the tiles filled from each layer's patterns ([heads, T, T] per layer)."""
         frame = self.frame
         img = frame.rgb.copy()
         t = pats[0].shape[-1]
@@ -174,10 +186,20 @@ class AttentionPictures:
         return img
 
     def save(self, params, path: Path) -> Path:
+        """Draw and write the picture now."""
+        return self._write(self.patterns(params), path)
+
+    def submit(self, params, path: Path) -> Future:
+        """Draw and write the picture on the pictures' thread; the patterns are dispatched here, from the
+        parameters as they are now (training may go on and donate them). The future's result is the path."""
+        return _writer().submit(self._write, self.patterns(params), path)
+
+    def _write(self, patterns, path: Path) -> Path:
+        img = self.fill([np.asarray(p, np.float32) for p in jax.device_get(patterns)])
         path.parent.mkdir(parents=True, exist_ok=True)
         info = PngInfo()
         info.add_text(METADATA_KEY, self.frame.metadata)
-        Image.fromarray(self.grid(params)).save(path, pnginfo=info, compress_level=1)
+        Image.fromarray(img).save(path, pnginfo=info, compress_level=1)
         return path
 
 

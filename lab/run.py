@@ -9,11 +9,13 @@ trains: its tracker (metrics.jsonl and wandb), its checkpointer, its cadence and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from importlib.metadata import version
 from pathlib import Path
 
@@ -82,8 +84,10 @@ class RunSink(Sink):
                                sequences_per_step=cfg.trainer.batch_size)
         self.checkpointer = Checkpointer(self.dir / "checkpoints", cfg.checkpoint)
         self.pictures: AttentionPictures | None = None  # execute() gives the program's one renderer
+        self._picture: tuple[int, Path, Future] | None = None  # the picture being drawn in the background
 
     def log(self, row: dict) -> None:
+        self.picture_done()  # a picture's wandb image goes before any later step's row (wandb's steps only rise)
         self.tracker.log(row)
 
     def save(self, step: int, state: TrainState) -> None:
@@ -91,14 +95,29 @@ class RunSink(Sink):
         self.picture(step, state)  # the heads' attention at every checkpoint
 
     def picture(self, step: int, state: TrainState) -> None:
-        """attention/step0001000.png and the wandb image ``attention`` at that step."""
+        """attention/step0001000.png and the wandb image ``attention`` at that step. The patterns are computed
+        here; the PNG is filled and written on the pictures' thread while training goes on (a picture costs
+        milliseconds, the first one the frame's render), and logged to wandb once written: at this run's next
+        row, next picture or close, whichever comes first (one picture in flight per run)."""
         if self.pictures is not None:
-            path = self.pictures.save(state.params, self.dir / "attention" / f"step{step:07d}.png")
+            self.picture_done()
+            path = self.dir / "attention" / f"step{step:07d}.png"
+            self._picture = (step, path, self.pictures.submit(state.params, path))
+
+    def picture_done(self) -> None:
+        """Wait for the picture in flight (its write error, a full disk, is raised here) and log it to wandb."""
+        if self._picture is not None:
+            step, path, done = self._picture
+            self._picture = None
+            done.result()
             self.tracker.image("attention", path, step, caption=f"step {step}")  # the picture labels itself
 
     def close(self) -> None:
         """End the wandb run and metrics.jsonl (execute closes the checkpointer, once, when training stops)."""
-        self.tracker.close()
+        try:
+            self.picture_done()
+        finally:
+            self.tracker.close()
 
     def finish(self, watch: str, wall: float, start_step: int, circuit_at: Callable[[dict], dict | None],
                batched: int, data: dict | None = None) -> dict:
@@ -188,7 +207,8 @@ def _execute(trainer: Runs, sinks: list[RunSink], state: TrainState, quiet: bool
         jax.block_until_ready(state)
     except BaseException:
         for s in sinks:  # a failed run's wandb run ends here, not in the next run of this process
-            s.close()
+            with contextlib.suppress(Exception):  # the error that stopped training is the one to report
+                s.close()
         raise
     finally:
         if bar is not None:
