@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,9 @@ def tokenise_text(path: str, glob: str, tokenizer: str, bpe_vocab: int, cache_di
     if not cached.exists() or (kind == "bpe" and not model_file.exists()):
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            what = "byte-level" if kind == "byte" else (f"with a {bpe_vocab}-id BPE trained on them" if tok is None
+                                                        else "with the given BPE")
+            print(f"tokenising {len(files):,} files {what}, once: cached in {folder}", file=sys.stderr, flush=True)
             if kind == "byte":
                 ids = _byte_tokens(files)
             else:
