@@ -59,7 +59,9 @@ class Checkpointer:
         reaches step 0's save again)."""
         if step in self.manager.all_steps():
             return
-        args = {"state": ocp.args.StandardSave(state)}
+        # orbax writes host (numpy) arrays about 3x faster than device arrays (85 small leaves: 56 against 159 ms
+        # a save on 2 cores), and a checkpoint restores into device arrays from its `like` either way
+        args = {"state": ocp.args.StandardSave(jax.device_get(state))}
         if config is not None:
             args["config"] = ocp.args.JsonSave(config)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
