@@ -15,7 +15,8 @@ L0H2) and, where they use it, one active layer-1 head (the others' values ablate
 (REST_HEADS = 1:0 1:1 1:2 1:4 1:5 1:6 1:7; each preset's header in configs/clamp/ says which function of
 opto.py it follows.) Runs go to ROOT/<condition>-s<seed>/; trailing arguments are Hydra overrides passed to
 every run (e.g. task.features_path=FILE.h5 for a feature file in the authors' layout); each condition's seeds
-train as one vmapped program (lab.batch), each run written as if alone. Writes train_loss.png,
+train as one vmapped program (lab.batch), each run written as if alone. The study reads the train loss, so only
+the train set is evaluated (the trailing override trainer.eval_sets=null evaluates all four). Writes train_loss.png,
 table.md (first step with train loss below 0.4 ln 2, Singh's phase-change time) and report.html to ROOT.
 
 Run:  .venv/bin/python experiments/singh_clamps.py                          # 6e5 sequences (18,750 steps)
@@ -40,8 +41,10 @@ def main():
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. task.features_path=FILE")
     args = ap.parse_args()
+    # the study reads train/loss alone: only the train set is evaluated (trainer.eval_sets=null evaluates all four)
     base = ["experiment=singh_fewshot", f"trainer.steps={args.steps}", "trainer.eval_every=250",
-            "trainer.eval_log_points=40", "checkpoint.every=0", "checkpoint.log_points=6", *args.overrides]
+            "trainer.eval_log_points=40", "trainer.eval_sets=[train]", "checkpoint.every=0",
+            "checkpoint.log_points=6", *args.overrides]
     # each condition's seeds as one vmapped program
     run_conditions(base, {c: CONDITIONS[c] for c in args.conditions}, args.seeds, args.root, batched=True)
     out = compare([args.root], metrics=["train/loss"], baseline=str(Path(args.root) / f"none-s{args.seeds[0]}"),

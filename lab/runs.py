@@ -156,6 +156,12 @@ class Runs:
         leading run axis), the others shared."""
         evaluators = self.cfg.evaluators
         evals = evaluation_sets(task, evaluators)
+        chosen = self.cfg.trainer.eval_sets
+        if chosen is not None:
+            for name in chosen:
+                check(name in task.evals, "trainer.eval_sets", list(chosen),
+                      f"evaluation sets of task {task.cfg.name}: {', '.join(task.evals)}")
+            evals = {n: b for n, b in evals.items() if n in chosen or n in evaluators}
         if not self.task_fields:
             return evals
         built: dict[str, dict] = {}  # one task (and its compiled samplers) per distinct task config, not per run

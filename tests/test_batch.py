@@ -181,6 +181,21 @@ def test_singh_fig5b_is_one_batch_of_nested_presets_labelled_by_name():
         load_config(["experiment=singh_fewshot", "clamp=fig5b/nope"])
 
 
+def test_eval_sets_evaluates_the_sets_named_and_refuses_others():
+    """trainer.eval_sets: the Fig. 5b study evaluates the train set alone (it reads train/loss); the other sets'
+    metrics are not computed at all, and a set the task lacks is refused naming the task's sets."""
+    from lab.runs import Runs
+
+    base = ["experiment=singh_fewshot", "model.n_heads=2", "model.d_model=16", "measures.names=[none]"]
+    all_sets = Runs(load_config(base)[0])
+    only = Runs(load_config([*base, "trainer.eval_sets=[train]"])[0])
+    assert set(all_sets.evals) == {"train", "relabel", "test_exemplars", "test_classes"} and set(only.evals) == {"train"}
+    names = only.program.metric_names()
+    assert "train/loss" in names and not any(n.startswith(("relabel/", "test_")) for n in names), names
+    with pytest.raises(LabError, match=r"trainer.eval_sets=\['trian'\]: evaluation sets of task fewshot: train, relabel"):
+        Runs(load_config([*base, "trainer.eval_sets=[trian]"])[0])
+
+
 @pytest.mark.slow  # ~20 s: CI's slow suite
 def test_conditions_that_are_one_preset_each_train_as_one_program(tiny, tmp_path):
     """run_conditions(batched=True) with every condition one clamp preset named like it: all (condition, seed)

@@ -67,6 +67,7 @@ BAD = [
     (["tracking.wandb.mode=sometimes"], "tracking.wandb.mode"),
     (["experiment=singh_fewshot", "task.features_path=/nonexistent/feats.npy"], "task.features_path"),
     (["experiment=singh_fewshot", "task.features_path=BAD"], "task.features_path"),
+    (["experiment=singh_fewshot", "trainer.eval_sets=[trian]"], "trainer.eval_sets"),
     (["experiment=bietti_bigram", "task.text_path=/nonexistent.txt"], "task.text_path"),
 ]
 
