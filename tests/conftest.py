@@ -17,7 +17,7 @@ TINY = [
     "trainer.steps=60", "trainer.batch_size=16", "trainer.steps_per_call=10", "trainer.eval_every=20",
     "trainer.eval_log_points=0", "checkpoint.every=30", "checkpoint.log_points=0",
     "model.d_model=16", "model.n_heads=2", "task.vocab_size=32", "task.seg_len=8", "task.seq_len=16",
-    "task.eval_size=40", "optim.lr=3e-3", "measures.names=[none]", "measures.circuit=false",
+    "task.eval_size=40", "optim.lr=3e-3", "optim.warmup_steps=0", "measures.names=[none]", "measures.circuit=false",
     "tracking.attention_images=false",  # drawn where a test is about them (test_wandb.py, the CLI end to end)
 ]
 

@@ -41,7 +41,7 @@ def test_the_old_fixed_offset_layout_is_flagged_as_a_shortcut(tmp_path):
     """The old demo: BOS + a 16-token segment repeated at a fixed offset, learned positions. Its repeated-token
     loss falls, but by a layer-0 head that looks 15 back: the summary must say it is no induction circuit."""
     s = _train(["experiment=demo", "task.layout=fixed", "task.seg_len=16", "model.positions=learned",
-                "trainer.steps=600", "optim.lr=1e-3", "trainer.eval_every=200"], tmp_path, "fixed")
+                "trainer.steps=600", "optim.lr=1e-3", "optim.warmup_steps=0", "trainer.eval_every=200"], tmp_path, "fixed")
     c = s["circuit"]
     assert s["final"]["test/repeated_loss"] < 2.0  # the curve says "learnt"...
     assert c["is_induction_circuit"] is False and c["line"].startswith("NOT an induction circuit")
@@ -55,7 +55,7 @@ def test_the_old_fixed_offset_layout_is_flagged_as_a_shortcut(tmp_path):
 def test_the_demo_grows_a_previous_token_head_and_an_induction_head_that_generalise(tmp_path):
     """The default demo (seed 0), cut after its transition: the circuit is the one Olsson describes, it works
     on layouts never trained on, and it is causal."""
-    s = _train(["experiment=demo", "trainer.steps=2200", "trainer.eval_every=550"], tmp_path, "demo")
+    s = _train(["experiment=demo", "trainer.steps=2700", "trainer.eval_every=900"], tmp_path, "demo")
     c = s["circuit"]
     assert c["induction_head"].startswith("L1") and c["prefix_matching"] > 0.8  # the top prefix-matching head
     assert c["prev_token_head"].startswith("L0") and c["prev_token"] > 0.3  # a layer-0 previous-token head
