@@ -167,16 +167,16 @@ def drive(runs, state: TrainState, sinks: list[Sink], plan: Plan,
                                   "perf/elapsed": now - t0})
         last_t, last_step = time.perf_counter(), step
         dense = stop not in evals
-        saving = [i for i in due if stop in ckpts or (dense and plan.checkpoint_dense)]
-        drawing = [i for i in due if i not in saving and stop in pics]
+        save = stop in ckpts or (dense and plan.checkpoint_dense)
+        draw = not save and stop in pics
         # one copy of the stacked state to the host, sliced per run as numpy views: slicing device arrays run by
         # run costs a dispatch per leaf and run (85 leaves x 30 runs), and orbax writes host arrays faster
-        host = jax.device_get(state) if saving or drawing else None
+        host = jax.device_get(state) if due and (save or draw) else None
         for i in due:
             planned[i] = None
-            if i in saving:
+            if save:
                 sinks[i].save(stop, runs.run_state(host, i))
-            elif i in drawing:
+            elif draw:
                 sinks[i].picture(stop, runs.run_state(host, i))
     return state
 

@@ -189,10 +189,12 @@ def test_eval_sets_evaluates_the_sets_named_and_refuses_others():
     base = ["experiment=singh_fewshot", "model.n_heads=2", "model.d_model=16", "measures.names=[none]"]
     all_sets = Runs(load_config(base)[0])
     only = Runs(load_config([*base, "trainer.eval_sets=[train]"])[0])
-    assert set(all_sets.evals) == {"train", "relabel", "test_exemplars", "test_classes"} and set(only.evals) == {"train"}
+    assert set(all_sets.evals) == {"train", "relabel", "test_exemplars", "test_classes"}
+    assert set(only.evals) == {"train"}
     names = only.program.metric_names()
     assert "train/loss" in names and not any(n.startswith(("relabel/", "test_")) for n in names), names
-    with pytest.raises(LabError, match=r"trainer.eval_sets=\['trian'\]: evaluation sets of task fewshot: train, relabel"):
+    refused = r"trainer.eval_sets=\['trian'\]: evaluation sets of task fewshot: train, relabel"
+    with pytest.raises(LabError, match=refused):
         Runs(load_config([*base, "trainer.eval_sets=[trian]"])[0])
 
 

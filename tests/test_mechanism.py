@@ -41,7 +41,8 @@ def test_the_old_fixed_offset_layout_is_flagged_as_a_shortcut(tmp_path):
     """The old demo: BOS + a 16-token segment repeated at a fixed offset, learned positions. Its repeated-token
     loss falls, but by a layer-0 head that looks 15 back: the summary must say it is no induction circuit."""
     s = _train(["experiment=demo", "task.layout=fixed", "task.seg_len=16", "model.positions=learned",
-                "trainer.steps=600", "optim.lr=1e-3", "optim.warmup_steps=0", "trainer.eval_every=200"], tmp_path, "fixed")
+                "trainer.steps=600", "optim.lr=1e-3", "optim.warmup_steps=0", "trainer.eval_every=200"],
+               tmp_path, "fixed")
     c = s["circuit"]
     assert s["final"]["test/repeated_loss"] < 2.0  # the curve says "learnt"...
     assert c["is_induction_circuit"] is False and c["line"].startswith("NOT an induction circuit")
