@@ -75,7 +75,7 @@ def load_checkpoints(run_dir: Path, steps: list[int] | None = None):
 
 def restriction_mask(params: dict, spec: str, trainable) -> dict:
     """Bools like ``params`` (element by element): what a restricted LLC lets move. ``spec``: all | L{l} |
-    L{l}H{h}; a head owns its slices of W_Q, W_K, W_V (and b_Q, b_K, b_V) and of W_O."""
+    L{l}H{h}; a head owns its slices of W_Q, W_K, W_V (and b_Q, b_K, b_V), of W_O and of W_rel."""
     m = RESTRICTION.match(spec)
     if m is None:
         raise LabError(f"--restrict={spec}: one of all, L<layer>, L<layer>H<head> (e.g. L1H0)")
@@ -95,8 +95,8 @@ def restriction_mask(params: dict, spec: str, trainable) -> dict:
         elif names[:2] == ["blocks", layer]:
             if head is None:
                 on[...] = True
-            elif len(names) == 4 and names[2] == "attn" and names[3] in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K",
-                                                                           "b_V"):
+            elif len(names) == 4 and names[2] == "attn" and names[3] in ("W_Q", "W_K", "W_V", "W_O", "W_rel", "b_Q",
+                                                                           "b_K", "b_V"):
                 on[head] = True
         return jnp.asarray(on & np.asarray(t, bool))
 

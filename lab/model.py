@@ -6,8 +6,10 @@ Flax NNX defines and initialises the parameters; training works on the functiona
 and checkpoints as an ordinary pytree. Weight names and shapes follow TransformerLens:
 ``blocks.{l}.attn.W_Q`` is [n_heads, d_model, d_head], ``W_O`` is [n_heads, d_head, d_model].
 
-Options cover the papers' models: positions learned | sinusoidal | rope | shortformer | onehot |
-frozen_random | none (shortformer, after Press et al. 2021: learned position embeddings added to every
+Options cover the papers' models: positions learned | sinusoidal | rope | shortformer | relative | onehot |
+frozen_random | none (relative, after Shaw et al. 2018 as Edelman et al.'s code has it: each layer learns a vector
+per head and query-key offset, ``blocks.{l}.attn.W_rel`` [n_heads, seq_len, d_head], and a head's score of key j
+from query i gains q_i . W_rel[i - j]; shortformer, after Press et al. 2021: learned position embeddings added to every
 layer's query and key inputs only, never to values or the residual stream, so no head can pass a
 position on to a later layer); LayerNorm on/off; biases on/off; W_O absent (Reddy: heads concatenate);
 W_Q = I (Bietti); no 1/sqrt(d_head) scaling (Reddy); an input adapter for continuous items
@@ -37,7 +39,7 @@ ACT_FNS = {"relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=Fal
 # a layer's sites that hold every position even when the last layer is pruned to the readout (``apply``)
 FULL_POSITION_SITES = ("hook_resid_pre", "ln1.hook_normalized", "hook_q_input", "hook_k_input", "hook_v_input",
                        "attn.hook_k", "attn.hook_v", "attn.hook_rot_k")
-POSITIONS = ("learned", "sinusoidal", "rope", "shortformer", "onehot", "frozen_random", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "shortformer", "relative", "onehot", "frozen_random", "none")
 
 
 @dataclass
@@ -63,11 +65,13 @@ class ModelConfig:
     # the MLP reads the block's input, not the residual after the attention: resid_post = resid_pre + attn_out +
     # mlp_out (TransformerLens's parallel_attn_mlp; Bietti's full model with pre_norm=True, ihead_full_model.py)
     parallel_attn_mlp: bool = False
-    init_std: float = 0.02  # embeddings (init: normal)
+    init_std: float = 0.02  # embeddings (init: normal), every weight (init: gpt2)
     # normal: N(0, init_std) embeddings, N(0, 1/fan_in) matrices. torch: PyTorch's nn.Embedding / nn.Linear
     # defaults, as the PyTorch reference code (Bietti's transformer-birth) initialises: N(0, 1) token and
     # position embeddings (frozen random positions too), matrices U(-1/sqrt(fan_in), 1/sqrt(fan_in)); biases
-    # stay zero. The scale matters: Bietti's learning rate is tuned to embeddings of norm sqrt(d).
+    # stay zero. The scale matters: Bietti's learning rate is tuned to embeddings of norm sqrt(d). gpt2: minGPT's
+    # (and Edelman et al.'s code): every weight N(0, init_std), W_O and the MLP's W_out N(0, init_std / sqrt(2
+    # n_layers)); small weights everywhere, so attention starts uniform.
     init: str = "normal"
     rope_base: float = 10000.0
     freeze: list[str] = field(default_factory=list)  # globs over parameter names
@@ -102,7 +106,7 @@ class ModelConfig:
         check(not self.parallel_attn_mlp or self.d_mlp > 0, "model.parallel_attn_mlp", self.parallel_attn_mlp,
               "true needs a feed-forward layer (model.d_mlp > 0)")
         check(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
-        check(self.init in ("normal", "torch"), "model.init", self.init, "one of normal, torch")
+        check(self.init in ("normal", "torch", "gpt2"), "model.init", self.init, "one of normal, torch, gpt2")
 
 
 class Const(nnx.Variable):
@@ -114,15 +118,21 @@ def _normal(rngs, shape, std):
 
 
 def _initialisers(cfg: ModelConfig, rngs):
-    """(embedding init of a shape, matrix init of a shape and fan-in), per ``cfg.init``."""
+    """(embedding init of a shape, matrix init of a shape and fan-in, the same for the matrices that write into the
+    residual stream: W_O and the MLP's W_out), per ``cfg.init``."""
     if cfg.init == "torch":
         def matrix(shape, fan_in):
             bound = 1.0 / math.sqrt(fan_in)
             return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
 
-        return (lambda shape: _normal(rngs, shape, 1.0)), matrix
-    return (lambda shape: _normal(rngs, shape, cfg.init_std)), (lambda shape, fan_in: _normal(rngs, shape,
-                                                                                              1 / math.sqrt(fan_in)))
+        return (lambda shape: _normal(rngs, shape, 1.0)), matrix, matrix
+    emb = lambda shape: _normal(rngs, shape, cfg.init_std)  # noqa: E731
+    if cfg.init == "gpt2":  # minGPT's: every weight N(0, init_std), the residual writers scaled by 1/sqrt(2 n_layers)
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        return emb, (lambda shape, fan_in: _normal(rngs, shape, cfg.init_std)), (
+            lambda shape, fan_in: _normal(rngs, shape, out_std))
+    fan = lambda shape, fan_in: _normal(rngs, shape, 1 / math.sqrt(fan_in))  # noqa: E731
+    return emb, fan, fan
 
 
 def sinusoidal(n_pos: int, d: int) -> jax.Array:
@@ -146,13 +156,30 @@ def rope(x: jax.Array, base: float, positions: jax.Array | None = None, pos_axis
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+def relative_scores(q: jax.Array, w_rel: jax.Array, q_pos: jax.Array | None, t: int) -> jax.Array:
+    """The relative-position term of the scores [batch, head, query, key]: q_i . W_rel[i - j] for keys j <= i (above
+    the diagonal it holds other offsets' values: the causal mask removes them). ``q`` [batch, head, query, d_head]
+    (already scaled as the scores are), ``w_rel`` [head, seq_len, d_head], ``q_pos`` the queries' positions (None:
+    0..t-1). One matmul against every offset, then each pair's offset picked: for every query row by the skew of
+    Huang et al. 2018's Music Transformer (offsets reversed, one column padded, a reshape: no gather, whose backward
+    pass is a scatter, 3.6x slower on the CPU at Edelman's shapes); for a pruned layer's rows by a gather."""
+    b, h = q.shape[:2]
+    if q_pos is None:
+        rev = jnp.einsum("bhqe,hoe->bhqo", q, w_rel[:, t - 1::-1])  # rev[i, m] = q_i . W_rel[t - 1 - m]
+        padded = jnp.pad(rev, ((0, 0), (0, 0), (0, 0), (1, 0))).reshape(b, h, t + 1, t)
+        return padded[:, :, 1:]  # [i, j] = rev[i, t - 1 - i + j] = q_i . W_rel[i - j]
+    by_offset = jnp.einsum("bhqe,hoe->bhqo", q, w_rel[:, :t])  # [batch, head, query, offset]
+    offset = jnp.clip(q_pos[:, None] - jnp.arange(t)[None, :], 0, t - 1)  # [query, key]
+    return jnp.take_along_axis(by_offset, jnp.broadcast_to(offset, by_offset.shape[:2] + offset.shape), axis=-1)
+
+
 class _Weights(nnx.Module):
     """The parameters (nnx.Param) and fixed arrays (Const) of a Transformer, initialised."""
 
     def __init__(self, cfg: ModelConfig, seq_len: int, vocab_size: int, n_outputs: int, feature_dim: int, seed: int):
         rngs = nnx.Rngs(params=seed)
         d, h, dh = cfg.d_model, cfg.n_heads, cfg.head_dim
-        emb, mat = _initialisers(cfg, rngs)
+        emb, mat, out_mat = _initialisers(cfg, rngs)
         P = nnx.Param
         self.embed = nnx.Dict(W_E=P(emb((vocab_size, d))))
         if feature_dim and cfg.input_proj == "linear":
@@ -175,8 +202,10 @@ class _Weights(nnx.Module):
             )
             if cfg.wq_identity and h > 1:
                 attn["W_Q"] = Const(jnp.broadcast_to(jnp.eye(d)[None], (h, d, d)))
+            if cfg.positions == "relative":  # row r: the offset r = query position - key position
+                attn["W_rel"] = P(emb((h, seq_len, dh)))
             if cfg.use_wo:
-                attn["W_O"] = P(mat((h, dh, d), h * dh))
+                attn["W_O"] = P(out_mat((h, dh, d), h * dh))
             if cfg.bias:
                 for nm in ("b_Q", "b_K", "b_V"):
                     attn[nm] = P(jnp.zeros((h, dh)))
@@ -187,7 +216,7 @@ class _Weights(nnx.Module):
                 blk["ln1"] = nnx.Dict(w=P(jnp.ones((d,))), b=P(jnp.zeros((d,))))
             if cfg.d_mlp:  # drawn after the attention's, so attention-only models keep their initial weights
                 m = cfg.d_mlp
-                mlp = nnx.Dict(W_in=P(mat((d, m), d)), W_out=P(mat((m, d), m)))
+                mlp = nnx.Dict(W_in=P(mat((d, m), d)), W_out=P(out_mat((m, d), m)))
                 if cfg.bias:
                     mlp["b_in"], mlp["b_out"] = P(jnp.zeros((m,))), P(jnp.zeros((d,)))
                 blk["mlp"] = mlp
@@ -346,7 +375,10 @@ class Transformer:
             if scale != 1.0:
                 qh = qh * scale
             mask = causal if at is None else causal[at]
-            scores = hq(f"{b}.attn.hook_attn_scores", matmul_nt(qh, kh) + mask)
+            raw = matmul_nt(qh, kh)
+            if cfg.positions == "relative":
+                raw = raw + relative_scores(qh, a["W_rel"], None if at is None else jnp.asarray(at), t)
+            scores = hq(f"{b}.attn.hook_attn_scores", raw + mask)
             pattern = hq(f"{b}.attn.hook_pattern", softmax(scores))
             zh = matmul_nn(pattern, vh)
             z = hq(f"{b}.attn.hook_z", zh.transpose(0, 2, 1, 3))

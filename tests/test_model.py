@@ -32,8 +32,34 @@ def test_shortformer_positions_reach_queries_and_keys_only():
         assert (np.abs(resid - resid[:1]).max() > 1e-4) == (positions == "learned")
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "shortformer", "onehot", "frozen_random",
-                                       "none"])
+def test_relative_positions_add_the_query_times_the_offsets_vector():
+    """Shaw-style relative positions (Edelman et al.'s model): with the keys' weights zeroed, a head's score of key
+    j from query i is exactly q_i . W_rel[i - j] / sqrt(d_head), whatever the tokens; with them, that term plus
+    q_i . k_j / sqrt(d_head)."""
+    m = Transformer(ModelConfig(n_layers=1, n_heads=2, d_model=8, positions="relative"), seq_len=T, vocab_size=V,
+                    n_outputs=V, seed=0)
+    p = m.params()
+    assert p["blocks"]["0"]["attn"]["W_rel"].shape == (2, T, 4)
+    p["blocks"]["0"]["attn"]["W_rel"] = jax.random.normal(jax.random.PRNGKey(1), (2, T, 4))  # not at init scale
+    for zero_keys in (True, False):
+        q_ = dict(p, blocks={"0": dict(p["blocks"]["0"], attn=dict(p["blocks"]["0"]["attn"]))})
+        if zero_keys:
+            q_["blocks"]["0"]["attn"]["W_K"] = jnp.zeros_like(p["blocks"]["0"]["attn"]["W_K"])
+            q_["blocks"]["0"]["attn"]["b_K"] = jnp.zeros_like(p["blocks"]["0"]["attn"]["b_K"])
+        _, cache = m.run_with_cache(q_, tokens())
+        q, k = np.asarray(cache["blocks.0.attn.hook_q"]), np.asarray(cache["blocks.0.attn.hook_k"])  # [b, t, h, e]
+        w_rel = np.asarray(q_["blocks"]["0"]["attn"]["W_rel"])
+        scores = np.asarray(cache["blocks.0.attn.hook_attn_scores"])
+        for i in range(T):
+            for j in range(i + 1):
+                want = (np.einsum("bhe,bhe->bh", q[:, i], k[:, j]) + np.einsum("bhe,he->bh", q[:, i], w_rel[:, i - j]))
+                np.testing.assert_allclose(scores[:, :, i, j], want / 2.0, rtol=1e-4, atol=1e-5)
+        if zero_keys:  # zeroed keys would give flat scores without the offsets' term
+            assert np.abs(np.diff(scores[0, 0, -1, :])).max() > 1e-2
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "shortformer", "relative", "onehot",
+                                       "frozen_random", "none"])
 def test_site_shapes_and_causality(positions):
     cfg = ModelConfig(n_layers=2, n_heads=4, d_model=16, positions=positions)
     m = Transformer(cfg, seq_len=T, vocab_size=V, n_outputs=V, seed=0)
@@ -184,13 +210,15 @@ def test_feed_forward_blocks_follow_transformerlens_and_bietti(parallel):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["singh", "reddy", "bietti_full"])
+@pytest.mark.parametrize("kind", ["singh", "reddy", "bietti_full", "relative"])
 def test_readout_shortcuts_give_the_full_models_logits_and_gradients(kind):
     # A classification loss reads one query: the last layer then computes queries, attention and W_O there only,
     # and features are projected only at the positions that carry them. Both must be exact shortcuts.
     T, V, F, B = 7, 5, 9, 6
     if kind == "singh":
         cfg, fdim, fpos = ModelConfig(n_heads=2, d_model=8, positions="rope"), F, (0, 2, 4, 6)
+    elif kind == "relative":  # the pruned layer's queries pick their own offsets' vectors
+        cfg, fdim, fpos = ModelConfig(n_heads=2, d_model=8, positions="relative"), F, (0, 2, 4, 6)
     elif kind == "bietti_full":  # a feed-forward layer in every block, parallel to the attention
         cfg, fdim, fpos = ModelConfig(n_heads=2, d_model=8, d_mlp=16, parallel_attn_mlp=True), F, (0, 2, 4, 6)
     else:
@@ -271,3 +299,20 @@ def test_split_inputs_change_nothing_until_one_is_overwritten_and_then_only_what
     np.testing.assert_allclose(pat[:, 0], ref_pat[:, 0], atol=1e-6)  # head 0 untouched
     assert np.abs(pat[:, 1] - ref_pat[:, 1]).max() > 1e-3  # head 1's keys read the zeroed stream
     np.testing.assert_allclose(v, np.asarray(cache["blocks.1.attn.hook_v"]), atol=1e-6)  # values as before
+
+
+def test_gpt2_init_draws_every_weight_at_init_std_and_the_residual_writers_smaller():
+    """init=gpt2 (minGPT's, Edelman et al.'s code): N(0, init_std) for embeddings and matrices alike (the default
+    init draws matrices at 1/sqrt(fan_in)), W_O and the MLP's W_out at init_std / sqrt(2 n_layers)."""
+    cfg = dict(n_layers=2, n_heads=2, d_model=64, d_mlp=128, positions="relative")
+    p = Transformer(ModelConfig(**cfg, init="gpt2", init_std=0.02), seq_len=32, vocab_size=50, n_outputs=50).params()
+    std = lambda x: float(np.std(np.asarray(x)))  # noqa: E731
+    for w in (p["embed"]["W_E"], p["blocks"]["0"]["attn"]["W_Q"], p["blocks"]["1"]["attn"]["W_rel"],
+              p["blocks"]["1"]["mlp"]["W_in"], p["unembed"]["W_U"]):
+        assert std(w) == pytest.approx(0.02, rel=0.1)
+    for w in (p["blocks"]["0"]["attn"]["W_O"], p["blocks"]["1"]["mlp"]["W_out"]):
+        assert std(w) == pytest.approx(0.01, rel=0.1)
+    default = Transformer(ModelConfig(**cfg), seq_len=32, vocab_size=50, n_outputs=50).params()
+    assert std(default["blocks"]["0"]["attn"]["W_Q"]) == pytest.approx(1 / 8, rel=0.1)
+    with pytest.raises(ConfigError, match="model.init"):
+        ModelConfig(init="xavier").validate()
