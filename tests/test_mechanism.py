@@ -97,3 +97,41 @@ def test_a_clamped_run_is_summarised_as_trained_and_without_its_clamps(tmp_path)
     assert rows[-1]["circuit_as_trained/prev_token"] == pytest.approx(trained["prev_token"], abs=1e-5)
     assert rows[-1]["circuit/prev_token"] == pytest.approx(free["prev_token"], abs=1e-5)
     assert rows[-1]["circuit_as_trained/prev_token"] > 0.95 > 0.5 > rows[-1]["circuit/prev_token"]
+
+
+def test_a_previous_token_role_shared_by_several_heads_counts_only_if_ablating_them_together_matters():
+    """Several layer-0 heads with previous-token scores of 0.15-0.3 each (no one head at 0.3) share the role when
+    their scores add up to 0.3 and ablating them together raises the mechanism loss by the task's margin; the
+    attention scores are set here (the measures have their own tests), the ablations are the model's own."""
+    from lab.runs import Runs
+
+    cfg, _ = load_config(["experiment=demo", "model.n_heads=4", "task.eval_size=64", *QUIET])
+    trainer = Runs(cfg)
+    cs = mechanism.CircuitSummary(trainer.model, trainer.task)
+    params = trainer.model.params()
+    pm = np.zeros((2, 4), np.float32)
+    pm[1, 0] = 0.9
+
+    def summary(prev_layer0, ablation_effects=None):
+        prev = np.zeros((2, 4), np.float32)
+        prev[0] = prev_layer0
+        cs._scores = lambda p: (prev, pm)
+        if ablation_effects is not None:  # the loss each set of ablated heads gives (a trained model's effects)
+            cs.ablated = lambda p, heads: ablation_effects(heads)
+        return mechanism.summarise(cs, params)
+
+    alone = summary([0.28, 0.05, 0.0, 0.0])  # one head below the threshold, no one to share with
+    assert not alone["prev_token_shared"] and alone["prev_token_heads"] == ["L0H0"]
+    assert any("attends to the previous token (best L0H0: 0.28" in f for f in alone["failed"])
+    untrained = summary([0.28, 0.24, 0.22, 0.05])  # shared by L0H0-L0H2, but ablating them does nothing here
+    assert untrained["prev_token_shared"] and untrained["prev_token_heads"] == ["L0H0", "L0H1", "L0H2"]
+    assert untrained["prev_token_together"] == pytest.approx(0.74, abs=1e-5)
+    assert any("share previous-token attention (together 0.74) but ablating them together adds only" in f
+               for f in untrained["failed"])
+    effects = lambda heads: 6.0 if {(0, 0), (0, 1), (0, 2)} <= set(heads) or (1, 0) in heads else 0.1  # noqa: E731
+    shared = summary([0.28, 0.24, 0.22, 0.05], effects)
+    assert shared["ablation_prev_token_heads"] == pytest.approx(5.9)
+    assert shared["is_induction_circuit"], shared["failed"]
+    assert shared["line"].startswith("induction circuit: L0H0 (+2 more) previous-token (0.28; together 0.74) -> L1H0")
+    enough = summary([0.31, 0.24, 0.22, 0.05], effects)  # one head at the threshold: no sharing needed
+    assert not enough["prev_token_shared"] and enough["prev_token_heads"] == ["L0H0"]
