@@ -1,7 +1,9 @@
 """Bigram sequences with triggers (Bietti et al. 2023; docs/science.md §1.3).
 
 A global unigram law pi_u and bigram law pi_b over the vocabulary: synthetic (rows of pi_b drawn
-from Dirichlet(dirichlet), pi_u its stationary law) or estimated from a user's text file
+from Dirichlet(dirichlet), pi_u its stationary law; with ``zipf`` > 0 the rows are drawn around a Zipf law
+instead, Dirichlet(dirichlet * V * z) with z_k proportional to (k + 1)^-zipf, so that pi_u is close to z and the
+frequent tokens are as frequent as a text's most common characters) or estimated from a user's text file
 (characters; pi_u = character frequencies, pi_b = bigram counts with add-one smoothing; the
 vocabulary is the sorted set of distinct characters, ``task.alphabet``), or read from the authors'
 ``data/meta.pkl`` (``stats_path``: their tiny-Shakespeare counts, unsmoothed, as their code uses them).
@@ -116,7 +118,10 @@ class BigramConfig(TaskConfig):
     output_law: str = "uniform"  # each trigger's output per sequence: uniform over the vocabulary | unigram (pi_u)
     text_path: str | None = None  # estimate pi_u, pi_b from this text's characters
     stats_path: str | None = None  # pi_u, pi_b from the authors' data/meta.pkl (character counts, unsmoothed)
-    dirichlet: float = 0.5  # synthetic rows pi_b[i] ~ Dirichlet(dirichlet)
+    dirichlet: float = 0.5  # synthetic rows pi_b[i] ~ Dirichlet(dirichlet) (times V * z when zipf > 0)
+    # synthetic rows drawn around a Zipf law z_k ~ (k + 1)^-zipf (0: the symmetric Dirichlet). Why it matters: with
+    # fixed frequent triggers, how often a trigger occurs sets how much signal the induction head gets
+    zipf: float = 0.0
     data_seed: int = 0
 
     def validate(self) -> None:
@@ -161,6 +166,7 @@ class BigramConfig(TaskConfig):
                 self.dirichlet,
                 "must be a number > 0",
             )
+            check(math.isfinite(self.zipf) and self.zipf >= 0, "task.zipf", self.zipf, "must be a number >= 0")
 
 
 class BigramTask(Task):
@@ -192,7 +198,12 @@ class BigramTask(Task):
         else:
             rng = np.random.default_rng(cfg.data_seed)
             V = cfg.vocab_size
-            pi_b = rng.dirichlet(np.full(V, cfg.dirichlet), size=V)
+            if cfg.zipf > 0:
+                z = np.arange(1, V + 1, dtype=np.float64) ** -cfg.zipf
+                concentration = cfg.dirichlet * V * z / z.sum()
+            else:
+                concentration = np.full(V, cfg.dirichlet)  # the symmetric law, drawn as before
+            pi_b = rng.dirichlet(concentration, size=V)
             pi_b = np.maximum(pi_b, 0.0)
             pi_b /= pi_b.sum(axis=1, keepdims=True)
             pi_u = stationary(pi_b)
