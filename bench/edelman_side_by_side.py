@@ -82,9 +82,10 @@ def lab_side(seeds: list[int], steps: int, every: int, out: Path) -> None:
 def lab_scores(run_dir: Path) -> tuple[list[dict], float]:
     import lab
     from lab.measures.attention import previous_token_score
+    from lab.tracking import read_metrics
 
     run = lab.load(run_dir)
-    rows = [{"step": r["step"], "loss": r["test/loss"]} for r in map(json.loads, open(run_dir / "metrics.jsonl"))
+    rows = [{"step": r["step"], "loss": r["test/loss"]} for r in read_metrics(run_dir / "metrics.jsonl")
             if "test/loss" in r]
     _, cache = run.cache(names=["blocks.0.attn.hook_pattern"], batch=run.batch("test"))
     return rows, float(previous_token_score(cache["blocks.0.attn.hook_pattern"])[0])
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
     batch = lab.load(next((out / "lab").glob("*-s0"))).batch("test")
     np.savez(out / "test.npz", tokens=np.asarray(batch["tokens"]), targets=np.asarray(batch["targets"]))
     result = {}
+    tag = "" if a.authors_dropout == "default" else f"-dropout{a.authors_dropout}"
     for s in seeds:
-        tag = "" if a.authors_dropout == "default" else f"-dropout{a.authors_dropout}"
         curve = out / f"authors{tag}-s{s}.jsonl"
         if not curve.exists():
             subprocess.run([a.python, "-c", AUTHORS, str(s), str(a.steps), str(out / "test.npz"), str(curve),
