@@ -15,6 +15,8 @@ Sections:
 - study: Singh's Fig. 5b study (6 conditions x 5 seeds x 18,750 steps) by the lab's one command
   (experiments/singh_clamps.py) and by the authors' icl-dynamics run by run (``--icl``, ``--icl-python``), on one
   feature file, and each preset's step against the unclamped one (bench/singh_study.py);
+- positions: the relative-position term's forward and backward (edelman_markov's shapes) by the Music Transformer
+  skew, which full rows use, against the per-pair gather a pruned readout's rows use;
 - devinterp: the LLC at every checkpoint of a fresh default demo run (4 chains x 200 SGLD steps, 50 burn-in,
   ε = 1e-3) by the lab (one program) and by devinterp (in the optional environment), the same data and settings:
   wall times, their ratio and the agreement (bench/devinterp_side_by_side.py; only with `make bench-tl-env`).
@@ -333,7 +335,45 @@ def bench_devinterp() -> dict:
 
 
 SECTIONS = ("peak", "models", "transformerlens", "vmapped", "memory", "clamps", "logging", "demo", "pictures",
-            "devinterp", "study")
+            "positions", "devinterp", "study")
+
+
+def bench_positions(rounds: int = 7, reps: int = 20) -> dict:
+    """The relative-position term (lab.model.relative_scores) forward and backward at edelman_markov's shapes
+    (batch 64, 1 head, 100 positions, d_head 16): every query row by the Music Transformer skew (what full rows use)
+    against the per-pair gather (what a pruned readout's rows use), each jitted, medians of interleaved rounds."""
+    import jax.numpy as jnp
+
+    from lab.model import relative_scores
+
+    b, h, t, dh = 64, 1, 100, 16
+    kq, kw, kg = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, h, t, dh))
+    w = jax.random.normal(kw, (h, t, dh))
+    g = jax.random.normal(kg, (b, h, t, t))  # a fixed upstream gradient, so both paths do the same work
+    mask = jnp.tril(jnp.ones((t, t), bool))
+
+    def loss(q, w, q_pos):
+        return jnp.sum(jnp.where(mask, relative_scores(q, w, q_pos, t), 0.0) * g)
+
+    grads = {"skew": jax.jit(jax.grad(lambda q, w: loss(q, w, None), argnums=(0, 1))),
+             "gather": jax.jit(jax.grad(lambda q, w: loss(q, w, jnp.arange(t)), argnums=(0, 1)))}
+    ref = [np.asarray(v) for v in grads["skew"](q, w)]
+    for got, want in zip(grads["gather"](q, w), ref, strict=True):  # the same gradients, or the ratio means nothing
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3)
+    times: dict[str, list[float]] = {k: [] for k in grads}
+    for r in range(rounds):
+        for name in (("skew", "gather") if r % 2 else ("gather", "skew")):
+            f = grads[name]
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                jax.block_until_ready(f(q, w))
+            times[name].append(1e3 * (time.perf_counter() - t0) / reps)
+    res = {k: float(np.median(v)) for k, v in times.items()}
+    res["gather_over_skew"] = res["gather"] / res["skew"]
+    print(f"  relative positions fwd+bwd at 64 x 100 x 16: skew {res['skew']:.2f} ms, gather {res['gather']:.2f} ms "
+          f"(x{res['gather_over_skew']:.1f})", file=sys.stderr)
+    return {"ms": res, "shape": {"batch": b, "heads": h, "positions": t, "d_head": dh}}
 
 
 def bench_pictures(rounds: int = 3) -> dict:
@@ -462,6 +502,9 @@ def main():
     if "pictures" in wanted:
         print("attention pictures (default demo, whole processes, interleaved):", file=sys.stderr)
         results["pictures"] = bench_pictures()
+    if "positions" in wanted:
+        print("positions (the relative-position term, forward and backward):", file=sys.stderr)
+        results["positions"] = bench_positions()
     if "devinterp" in wanted:
         print("devinterp (LLC over every checkpoint of the demo, lab vs devinterp):", file=sys.stderr)
         results["devinterp"] = bench_devinterp()
