@@ -11,6 +11,7 @@ from a minute (the demo) to an hour (the real-text model, several seeds) on 2 co
     python bench/check_experiments.py                              # every experiment, 5 seeds
     python bench/check_experiments.py --experiments demo --seeds 20
     python bench/check_experiments.py --experiments bietti_full --one-by-one   # a process per seed
+    python bench/check_experiments.py --experiments olsson_text --one-by-one --first-seed 1 --seeds 4   # seeds 1-4
     python bench/check_experiments.py --experiments edelman_markov -- model.positions=rope   # overrides for each
 """
 
@@ -33,14 +34,16 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml") if p.stem != "none")
 
 
-def check(experiment: str, seeds: int, overrides: list[str], root: Path, one_by_one: bool = False) -> dict:
+def check(experiment: str, seeds: int, overrides: list[str], root: Path, one_by_one: bool = False,
+          first_seed: int = 0) -> dict:
     out = root / experiment
+    numbers = range(first_seed, first_seed + seeds)
     common = ["tracking.wandb.mode=disabled", *overrides]
     if one_by_one:  # a process per seed, one after another
         cmds = [[LAB, "train", f"experiment={experiment}", f"seed={s}", f"run.dir={out / f's{s}'}", *common]
-                for s in range(seeds)]
+                for s in numbers]
     else:
-        cmds = [[LAB, "train", f"experiment={experiment}", f"trainer.seeds=[{','.join(map(str, range(seeds)))}]",
+        cmds = [[LAB, "train", f"experiment={experiment}", f"trainer.seeds=[{','.join(map(str, numbers))}]",
                  f"run.dir={out}", *common]]
     t0 = time.perf_counter()
     for cmd in cmds:
@@ -86,7 +89,8 @@ def row(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiments", nargs="*", default=None, help="default: every configs/experiment/*.yaml")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=5, help="how many seeds")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds FIRST..FIRST+SEEDS-1 (default 0)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "experiments.json")
     ap.add_argument("--keep", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--one-by-one", action="store_true",
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
     print("| experiment | seeds with an induction circuit | median transition step (those seeds) | time (2 cores) |")
     print("|---|---|---|---|")
     for name in names:
-        results[name] = check(name, a.seeds, a.overrides, root, a.one_by_one)
+        results[name] = check(name, a.seeds, a.overrides, root, a.one_by_one, a.first_seed)
         print(row(results[name]), flush=True)
     old = json.loads(a.out.read_text()) if a.out.exists() else {}
     a.out.write_text(json.dumps({**old, **results}, indent=1) + "\n")
