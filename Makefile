@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml examples/noisy_copy/pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lab train experiment=demo
 
-# the fast suite (under 10 minutes on 2 cores); `make test-slow` runs the whole-process tests, CI runs both
+# the fast suite (under 10 minutes on 2 cores); `make test-slow` runs the whole-process tests, CI runs both.
+# Two pytest workers (pytest-xdist): most of a small test's time is XLA compiling, one thread each, so two
+# workers on 2 cores run the suite in about half the time (4:48 against 9:13 on the 2-core CPU)
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" --durations=15
+	$(BIN)/python -m pytest -m "not slow" -n 2 --durations=15
 
 # the slow suite also needs the optional torch environment: devinterp's LLC on lab checkpoints (test_devinterp.py)
 test-slow: $(STAMP) $(TL_STAMP)
