@@ -1,8 +1,8 @@
 """Does every experiment's default keep its promise for most seeds? (`make check-experiments`)
 
-Runs each experiment in ``configs/experiment/`` with its defaults over seeds 0..n-1 as one batch (one
-``lab train experiment=X trainer.seeds=[...]`` process: the seeds train as one vmapped program) and reads each
-run's own summary.json: whether its circuit summary calls it an induction circuit (where the task has one), the
+Runs each experiment in ``configs/experiment/`` with its defaults over seeds 0..n-1 (--first-seed: k..k+n-1) as one
+batch (one ``lab train experiment=X trainer.seeds=[...]`` process: the seeds train as one vmapped program) and reads
+each run's own summary.json: whether its circuit summary calls it an induction circuit (where the task has one), the
 phase detector's last transition of the watched metric (the circuit's phase change follows the plateau; the
 median over the seeds with the circuit, where the task has a summary), and the time of the whole batch.
 Prints the table and writes it to ``bench/experiments.json``. Not a test: a whole default run per experiment takes
@@ -78,6 +78,13 @@ def read(experiment: str, out: Path, wall: float) -> dict:
             "median_transition": statistics.median(mids) if mids else None, "seconds": wall, "runs": runs}
 
 
+def key(name: str, overrides: list[str], first_seed: int, seeds: int) -> str:
+    """The entry's name in the table's file: the experiment, its overrides, and the seeds when they do not start at
+    0, so that a variant or other seeds never overwrite the default's entry."""
+    seeds_part = [f"seeds {first_seed}-{first_seed + seeds - 1}"] if first_seed else []
+    return " ".join([name, *overrides, *seeds_part])
+
+
 def row(r: dict) -> str:
     if "error" in r:
         return f"| {r['experiment']} | error: {r['error']} | | | {r['seconds']:.0f} s |"
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--one-by-one", action="store_true",
                     help="train the seeds one after another, a process each, not as one batch (bietti_full: on 2 cores "
                          "five seeds as one batch took some 7 s a step over their first 60 steps, one seed alone "
-                         "about 1 s)")
+                         "0.6-0.8 s)")
     ap.add_argument("overrides", nargs="*", help="after --: overrides for every experiment")
     a = ap.parse_args(argv)
     names = a.experiments or experiments()
@@ -110,8 +117,10 @@ def main(argv=None) -> int:
     print("| experiment | seeds with an induction circuit | median transition step (those seeds) | time (2 cores) |")
     print("|---|---|---|---|")
     for name in names:
-        results[name] = check(name, a.seeds, a.overrides, root, a.one_by_one, a.first_seed)
-        print(row(results[name]), flush=True)
+        r = check(name, a.seeds, a.overrides, root, a.one_by_one, a.first_seed)
+        r.update(overrides=a.overrides, first_seed=a.first_seed)
+        results[key(name, a.overrides, a.first_seed, a.seeds)] = r
+        print(row(r), flush=True)
     old = json.loads(a.out.read_text()) if a.out.exists() else {}
     a.out.write_text(json.dumps({**old, **results}, indent=1) + "\n")
     return 0

@@ -353,14 +353,16 @@ def bench_positions(rounds: int = 7, reps: int = 20) -> dict:
     g = jax.random.normal(kg, (b, h, t, t))  # a fixed upstream gradient, so both paths do the same work
     mask = jnp.tril(jnp.ones((t, t), bool))
 
-    def loss(q, w, q_pos):
+    def loss(q, w, q_pos):  # the value needs the forward pass (the gradient alone would not: the term is bilinear)
         return jnp.sum(jnp.where(mask, relative_scores(q, w, q_pos, t), 0.0) * g)
 
-    grads = {"skew": jax.jit(jax.grad(lambda q, w: loss(q, w, None), argnums=(0, 1))),
-             "gather": jax.jit(jax.grad(lambda q, w: loss(q, w, jnp.arange(t)), argnums=(0, 1)))}
-    ref = [np.asarray(v) for v in grads["skew"](q, w)]
-    for got, want in zip(grads["gather"](q, w), ref, strict=True):  # the same gradients, or the ratio means nothing
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3)
+    grads = {"skew": jax.jit(jax.value_and_grad(lambda q, w: loss(q, w, None), argnums=(0, 1))),
+             "gather": jax.jit(jax.value_and_grad(lambda q, w: loss(q, w, jnp.arange(t)), argnums=(0, 1)))}
+    ref_value, ref_grads = grads["skew"](q, w)
+    value, got_grads = grads["gather"](q, w)  # the same value and gradients, or the ratio means nothing
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-4)
+    for got, want in zip(got_grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
     times: dict[str, list[float]] = {k: [] for k in grads}
     for r in range(rounds):
         for name in (("skew", "gather") if r % 2 else ("gather", "skew")):
@@ -369,11 +371,11 @@ def bench_positions(rounds: int = 7, reps: int = 20) -> dict:
             for _ in range(reps):
                 jax.block_until_ready(f(q, w))
             times[name].append(1e3 * (time.perf_counter() - t0) / reps)
-    res = {k: float(np.median(v)) for k, v in times.items()}
-    res["gather_over_skew"] = res["gather"] / res["skew"]
-    print(f"  relative positions fwd+bwd at 64 x 100 x 16: skew {res['skew']:.2f} ms, gather {res['gather']:.2f} ms "
-          f"(x{res['gather_over_skew']:.1f})", file=sys.stderr)
-    return {"ms": res, "shape": {"batch": b, "heads": h, "positions": t, "d_head": dh}}
+    ms = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"  relative positions fwd+bwd at 64 x 100 x 16: skew {ms['skew']:.2f} ms, gather {ms['gather']:.2f} ms "
+          f"(x{ms['gather'] / ms['skew']:.1f})", file=sys.stderr)
+    return {"ms": ms, "gather_over_skew": ms["gather"] / ms["skew"],
+            "shape": {"batch": b, "heads": h, "positions": t, "d_head": dh}}
 
 
 def bench_pictures(rounds: int = 3) -> dict:

@@ -263,14 +263,15 @@ def test_bad_plugins_are_refused_in_one_line_naming_the_plugin(kind, args, words
     assert registry.get(args[0]) is before  # nothing registered, nothing replaced
 
 
-def test_a_clamp_value_outside_its_sites_and_a_wrong_shape_are_refused():
+def test_a_clamp_value_outside_its_sites_and_a_wrong_shape_are_refused(tmp_path):
     lab.register_clamp_value("pattern_only", lambda x, i: x, sites=["hook_pattern"])
     lab.register_clamp_value("bad_shape", lambda x, i: x[:1])
     cfg, _ = load_config(["+clamps.p={site: blocks.0.hook_attn_out, value: pattern_only}"])
     with pytest.raises(LabError, match=r"clamps.p.site=.*acts on hook_pattern sites only"):
         ClampSet(cfg.clamps, build_model(cfg.model, make_task(cfg.task), seed=0), make_task(cfg.task))
     cfg, node = load_config(["trainer.steps=2", "measures.names=[none]", "tracking.wandb.mode=disabled",
-                             "+clamps.b={site: blocks.0.hook_attn_out, value: bad_shape}", "trainer.progress=false"])
+                             "+clamps.b={site: blocks.0.hook_attn_out, value: bad_shape}", "trainer.progress=false",
+                             f"run.dir={tmp_path / 'run'}"])
     with pytest.raises(LabError, match=r"clamps.b.value=bad_shape: the value .* returned shape"):
         train_run(cfg, node, quiet=True)
 
