@@ -58,9 +58,11 @@ def transitions_of(rows: list[dict], metric: str, threshold: float | None) -> di
 def train_run(cfg: Config, node: DictConfig, quiet: bool = False, overrides: list[str] | None = None) -> Path:
     """Train one run and write its directory. Returns the run directory."""
     trainer = Runs(cfg)  # builds task and model: bad input files fail here, before any write
+    state = trainer.init_state()
+    trainer.program.scan_fn.check(state)  # and what only tracing the step finds (a plug-in value's wrong shape)
     run_dir = rundir.resolve_run_dir(cfg)
     rundir.create(run_dir, node, overrides)
-    execute(trainer, [RunSink(run_dir, cfg, node, trainer.condition(0))], trainer.init_state(), quiet=quiet)
+    execute(trainer, [RunSink(run_dir, cfg, node, trainer.condition(0))], state, quiet=quiet)
     return run_dir
 
 

@@ -202,6 +202,12 @@ class OverRuns:
         out = self.fn(*self._args(args))
         return out if self.runs > 1 else jax.tree_util.tree_map(lambda x: x[None], out)
 
+    def check(self, *args) -> None:
+        """Trace for these (stacked) arguments without compiling or running (jit keeps the trace for the call that
+        follows): what only tracing finds, such as a registered clamp value of the wrong shape, is refused before
+        anything is written."""
+        jax.eval_shape(self.fn, *self._args(args))
+
     def lower(self, *args):
         """The program for these (stacked) arguments, lowered (for cost and memory analyses)."""
         return self.fn.lower(*self._args(args))

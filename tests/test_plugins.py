@@ -274,6 +274,7 @@ def test_a_clamp_value_outside_its_sites_and_a_wrong_shape_are_refused(tmp_path)
                              f"run.dir={tmp_path / 'run'}"])
     with pytest.raises(LabError, match=r"clamps.b.value=bad_shape: the value .* returned shape"):
         train_run(cfg, node, quiet=True)
+    assert not (tmp_path / "run").exists()  # found by tracing the step, before the run directory is written
 
 
 def test_a_broken_installed_plugin_is_named_in_one_line(tmp_path):
