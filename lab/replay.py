@@ -17,7 +17,7 @@ from lab.checkpoint import CheckpointReadError
 from lab.config import from_yaml
 from lab.errors import LabError
 from lab.measures.mechanism import CircuitSummary, flat
-from lab.run import RunSink, execute
+from lab.run import RunSink, create_run, execute
 from lab.rundir import check_run_dir, complete_steps, load_run_config, restore_state, run_overrides
 from lab.runs import Runs, make_clamps
 from lab.tracking import Tracker, read_metrics, wandb_id
@@ -88,12 +88,11 @@ def fork_run(parent: str | Path, step: int, overrides: list[str], run_dir: str |
     if step >= cfg.trainer.steps:
         raise LabError(f"--step={step}: must be below trainer.steps={cfg.trainer.steps} of the fork")
     trainer = Runs(cfg)
-    state = restore_state(trainer, parent, step)
-    path = rundir.resolve_run_dir(cfg)
+    state = trainer.stack([restore_state(trainer, parent, step)])
     saved = run_overrides(parent) or []
-    rundir.create(path, node, [o for o in saved if not o.startswith("run.dir=")] + list(overrides),
-                  extra={"parent": {"run_dir": str(parent), "step": step, "overrides": list(overrides)}})
-    return execute(trainer, [RunSink(path, cfg, node, trainer.condition(0))], trainer.stack([state]), quiet=quiet)[0]
+    path = create_run(trainer, state, node, [o for o in saved if not o.startswith("run.dir=")] + list(overrides),
+                      extra={"parent": {"run_dir": str(parent), "step": step, "overrides": list(overrides)}})
+    return execute(trainer, [RunSink(path, cfg, node, trainer.condition(0))], state, quiet=quiet)[0]
 
 
 def replay_run(run_dir: str | Path, steps: list[int] | None = None, measures: list[str] | None = None,

@@ -59,10 +59,19 @@ def train_run(cfg: Config, node: DictConfig, quiet: bool = False, overrides: lis
     """Train one run and write its directory. Returns the run directory."""
     trainer = Runs(cfg)  # builds task and model: bad input files fail here, before any write
     state = trainer.init_state()
-    trainer.program.scan_fn.check(state)  # and what only tracing the step finds (a plug-in value's wrong shape)
-    run_dir = rundir.resolve_run_dir(cfg)
-    rundir.create(run_dir, node, overrides)
+    run_dir = create_run(trainer, state, node, overrides)
     execute(trainer, [RunSink(run_dir, cfg, node, trainer.condition(0))], state, quiet=quiet)
+    return run_dir
+
+
+def create_run(trainer: Runs, state: TrainState, node: DictConfig, overrides: list[str] | None,
+               extra: dict | None = None) -> Path:
+    """The directory of a new run (trained or forked) of ``trainer`` from ``state`` (stacked), created only after
+    the step has been traced for that state: what only tracing finds (a plug-in clamp value of the wrong shape) is
+    refused before anything is written. jit keeps the trace for the step's first call."""
+    trainer.program.scan_fn.check(state)
+    run_dir = rundir.resolve_run_dir(trainer.cfg)
+    rundir.create(run_dir, node, overrides, extra)
     return run_dir
 
 

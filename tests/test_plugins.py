@@ -275,6 +275,14 @@ def test_a_clamp_value_outside_its_sites_and_a_wrong_shape_are_refused(tmp_path)
     with pytest.raises(LabError, match=r"clamps.b.value=bad_shape: the value .* returned shape"):
         train_run(cfg, node, quiet=True)
     assert not (tmp_path / "run").exists()  # found by tracing the step, before the run directory is written
+    # a fork that adds the clamp: refused the same way, before its directory is written
+    parent = tmp_path / "parent"
+    given = [*TINY, "trainer.steps=20", f"run.dir={parent}"]
+    train_run(*load_config(given), quiet=True, overrides=given)
+    with pytest.raises(LabError, match=r"clamps.b.value=bad_shape: the value .* returned shape"):
+        fork_run(parent, 20, ["trainer.steps=30", "+clamps.b={site: blocks.0.hook_attn_out, value: bad_shape}"],
+                 run_dir=str(tmp_path / "fork"), quiet=True)
+    assert not (tmp_path / "fork").exists()
 
 
 def test_a_broken_installed_plugin_is_named_in_one_line(tmp_path):
