@@ -63,11 +63,16 @@ class Config:
     task_values: dict[str, Any] = field(default_factory=dict)
     watch: str | None = None  # metric whose transitions are detected (default: the task's)
     watch_threshold: float | None = None  # also report the first step the watched metric is below this
+    # the phase detector's running median over this many evaluations (odd): a noisy watched metric (the text task's ICL
+    # score, a difference of two single-position losses) needs more than 3 so that its noise is not read as change
+    watch_smooth: int = 3
     # registered evaluators (lab.plugins.register_evaluator) run beside the task's own, as NAME/<metric>
     evaluators: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        check(self.watch_smooth >= 1 and self.watch_smooth % 2 == 1, "watch_smooth", self.watch_smooth,
+              "an odd number of evaluations >= 1")
         entry = plugins.tasks.get(getattr(self.task, "name", None))
         fields = entry.task.data_fields if entry is not None else ()
         for name in self.evaluators:

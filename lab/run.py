@@ -45,10 +45,10 @@ def versions() -> dict:
             "platform": platform.platform(), "device": str(jax.devices()[0].device_kind)}
 
 
-def transitions_of(rows: list[dict], metric: str, threshold: float | None) -> dict:
+def transitions_of(rows: list[dict], metric: str, threshold: float | None, smooth: int = 3) -> dict:
     steps = [r["step"] for r in rows if metric in r and isinstance(r[metric], (int, float))]
     vals = [r[metric] for r in rows if metric in r and isinstance(r[metric], (int, float))]
-    out = {"metric": metric, "transitions": detect_transitions(steps, vals)}
+    out = {"metric": metric, "transitions": detect_transitions(steps, vals, smooth=smooth)}
     if threshold is not None:
         out["threshold"] = threshold
         out["first_below"] = first_crossing(steps, vals, threshold, below=True)
@@ -137,7 +137,7 @@ class RunSink(Sink):
         clamps, or {}; ``data``: what the task's data came from, ``task.info``); returns the summary."""
         c = self.cfg
         rows = read_metrics(self.dir / "metrics.jsonl")
-        phase = transitions_of(rows, watch, c.watch_threshold)
+        phase = transitions_of(rows, watch, c.watch_threshold, c.watch_smooth)
         final = {k: v for k, v in rows[-1].items() if not k.startswith("perf/")} if rows else {}
         views = circuit_at(final)
         circuit = views.get("circuit")

@@ -69,6 +69,7 @@ BAD = [
     (["experiment=singh_fewshot", "task.features_path=BAD"], "task.features_path"),
     (["experiment=singh_fewshot", "trainer.eval_sets=[trian]"], "trainer.eval_sets"),
     (["experiment=bietti_bigram", "task.text_path=/nonexistent.txt"], "task.text_path"),
+    (["watch_smooth=4"], "watch_smooth"),
 ]
 
 

@@ -86,6 +86,24 @@ def test_phase_detection_recovers_midpoints(seed):
     assert detect_transitions(steps, 1.0 + rng.normal(0, 0.05, len(x))) == []
 
 
+def test_phase_detection_of_a_noisy_tail_needs_a_wider_median():
+    """The text task's ICL score, log-spaced evaluations then one every 1,000 steps: a fall from -0.35 to -0.6 around
+    step 5,000 and evaluation noise of ~0.03 after it. With a 3-point median the dense noisy tail reads as change that
+    runs to the last step, which then stands alone as the level after (so the fall looks too small); a 5-point
+    median (the olsson_text experiment's watch_smooth) finds the fall."""
+    steps = np.unique(np.concatenate([np.geomspace(1, 26000, 15).astype(int), np.arange(1000, 26001, 1000)]))
+    x = np.log10(steps)
+    icl = -0.12 - 0.2 * _sigmoid(x, 1.5, 0.2) - 0.28 * _sigmoid(x, np.log10(5000), 0.12)
+    found = {3: 0, 5: 0}
+    for seed in range(8):  # eight draws of the noise
+        noisy = icl + np.random.default_rng(seed).normal(0, 0.045, len(x)) * (steps >= 4000)
+        for k in found:
+            ts = [t for t in detect_transitions(steps, noisy, smooth=k) if 2000 < t["mid"] < 12000]
+            assert len(ts) <= 1 and all(t["before"] > t["after"] + 0.15 for t in ts)
+            found[k] += len(ts)
+    assert found[5] == 8 and found[3] < 8
+
+
 def test_first_crossing():
     assert first_crossing([0, 10, 20, 30], [1.0, 0.5, 0.2, 0.1], 0.3) == 20
     assert first_crossing([0, 10], [1.0, 0.5], 0.3) is None
