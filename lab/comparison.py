@@ -42,7 +42,10 @@ def load(run: Path) -> dict:
     if not (run / "metrics.jsonl").is_file():
         raise LabError(f"run_dir={run}: has no metrics.jsonl")
     summary = json.loads((run / "summary.json").read_text())
-    return {"dir": run, "summary": summary, "rows": read_metrics(run / "metrics.jsonl")}
+    cfg = (yaml.safe_load((run / "config.yaml").read_text()) or {}) if (run / "config.yaml").is_file() else {}
+    # the run's own phase-detector smoothing, so that compare finds the transitions its summary.json reports
+    return {"dir": run, "summary": summary, "rows": read_metrics(run / "metrics.jsonl"),
+            "smooth": int(cfg.get("watch_smooth", 3))}
 
 
 def label_of(s: dict) -> str:
@@ -93,7 +96,7 @@ def phase_table(groups: dict[str, list[dict]], metric: str, x: str, threshold: f
         mids, firsts, finals = [], [], []
         for d in group:
             s, v = series(d, metric, x)
-            ts = detect_transitions(s, v)
+            ts = detect_transitions(s, v, smooth=d["smooth"])
             if ts:
                 mids.append(main_transition(ts)["mid"])
             if threshold is not None:

@@ -1,5 +1,7 @@
 """Progress measures on constructed heads, phase detection on synthetic curves, adaptive cadence."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -316,3 +318,26 @@ def test_ff1_is_zero_for_a_feed_forward_memory_holding_the_bigrams_and_large_for
     # an attention-only model has no ff1
     del params["blocks"]["1"]["mlp"]
     assert "memory_recall/ff1_kl" not in circuits.memory_recall(params, {}, n, bigram=bigram)
+
+
+def test_compare_finds_the_transitions_each_run_reports(tmp_path):
+    """lab compare re-detects each run's phase change from its metrics with the run's own watch_smooth (olsson_text: 5),
+    so its table agrees with the run's summary.json; a curve whose fall only a 5-point median finds shows it."""
+    from lab.comparison import load, phase_table
+
+    steps = np.unique(np.concatenate([np.geomspace(1, 26000, 15).astype(int), np.arange(1000, 26001, 1000)]))
+    x = np.log10(steps)
+    icl = -0.12 - 0.2 * _sigmoid(x, 1.5, 0.2) - 0.28 * _sigmoid(x, np.log10(5000), 0.12)
+    noisy = icl + np.random.default_rng(0).normal(0, 0.045, len(x)) * (steps >= 4000)
+    assert not [t for t in detect_transitions(steps, noisy) if 2000 < t["mid"] < 12000]  # missed at 3 points
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": int(s), "icl": float(v)}) + "\n"
+                                               for s, v in zip(steps, noisy, strict=True)))
+    (run / "summary.json").write_text(json.dumps({"experiment": "olsson_text", "task": "text"}))
+    (run / "config.yaml").write_text("watch_smooth: 5\n")
+    want = [t for t in detect_transitions(steps, noisy, smooth=5) if 2000 < t["mid"] < 12000]
+    assert len(want) == 1
+    (row,) = phase_table({"olsson_text/none": [load(run)]}, "icl", "step", None, None)
+    assert row["transition_mid (step)"] == pytest.approx(max(detect_transitions(steps, noisy, smooth=5),
+                                                                 key=lambda t: abs(t["after"] - t["before"]))["mid"])
