@@ -18,8 +18,10 @@ finds, from the run's own files:
 It prints them as one table, writes ``RUN/stages/stages.json`` and draws ``RUN/stages/stages.png`` (four panels
 sharing the step axis).
 
-Run:  .venv/bin/lab train experiment=olsson_text                       # ~25 min on 2 CPU cores
-      .venv/bin/python experiments/text_stages.py RUN --eps 1e-4        # + the LLC of 25 checkpoints
+Run:  .venv/bin/lab train experiment=olsson_text trainer.steps=14000 checkpoint.every=500 trainer.eval_every=500
+      .venv/bin/python experiments/text_stages.py RUN --eps 1e-3        # + the LLC of every checkpoint
+(docs/experiments/olsson-text.md: 40 checkpoints, about 1.5 min each for the LLC on 2 CPU cores shared with
+another run; ``lab llc RUN --eps 1e-3 --steps ...`` first computes it at fewer, which this script then reads.)
 """
 
 from __future__ import annotations
