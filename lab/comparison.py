@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lab.config import Config
 from lab.errors import LabError
 from lab.measures.phase import detect_transitions, first_crossing, main_transition
 from lab.plots import figure
@@ -43,9 +44,10 @@ def load(run: Path) -> dict:
         raise LabError(f"run_dir={run}: has no metrics.jsonl")
     summary = json.loads((run / "summary.json").read_text())
     cfg = (yaml.safe_load((run / "config.yaml").read_text()) or {}) if (run / "config.yaml").is_file() else {}
-    # the run's own phase-detector smoothing, so that compare finds the transitions its summary.json reports
+    # the run's own phase-detector smoothing (the config's default where it names none), so that compare finds the
+    # transitions its summary.json reports
     return {"dir": run, "summary": summary, "rows": read_metrics(run / "metrics.jsonl"),
-            "smooth": int(cfg.get("watch_smooth", 3))}
+            "smooth": int(cfg.get("watch_smooth", Config.watch_smooth))}
 
 
 def label_of(s: dict) -> str:

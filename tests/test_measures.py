@@ -11,7 +11,7 @@ from lab.cadence import AdaptiveCadence, CadenceConfig
 from lab.clamp import ideal_pattern
 from lab.measures import attention as att
 from lab.measures import circuits, repeated_probe
-from lab.measures.phase import detect_transitions, first_crossing
+from lab.measures.phase import detect_transitions, first_crossing, main_transition
 from lab.tasks import make_task
 from lab.tasks.fewshot import FewshotConfig
 
@@ -339,5 +339,5 @@ def test_compare_finds_the_transitions_each_run_reports(tmp_path):
     want = [t for t in detect_transitions(steps, noisy, smooth=5) if 2000 < t["mid"] < 12000]
     assert len(want) == 1
     (row,) = phase_table({"olsson_text/none": [load(run)]}, "icl", "step", None, None)
-    assert row["transition_mid (step)"] == pytest.approx(max(detect_transitions(steps, noisy, smooth=5),
-                                                                 key=lambda t: abs(t["after"] - t["before"]))["mid"])
+    main = main_transition(detect_transitions(steps, noisy, smooth=5))
+    assert row["transition_mid (step)"] == pytest.approx(main["mid"])
