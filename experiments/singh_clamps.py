@@ -20,7 +20,7 @@ the train set is evaluated (the trailing override trainer.eval_sets=null evaluat
 table.md (first step with train loss below 0.4 ln 2, Singh's phase-change time) and report.html to ROOT.
 
 Run:  .venv/bin/python experiments/singh_clamps.py                          # 6e5 sequences (18,750 steps)
-      .venv/bin/python experiments/singh_clamps.py --steps 5000 --seeds 0 1 task.features_path=feats.h5
+      .venv/bin/python experiments/singh_clamps.py --steps 5000 --seeds 0 1 -- task.features_path=feats.h5
 """
 
 import argparse
