@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lab.errors import LabError, check
+from lab.runlog import LOG_NAME, log_closed_loop_reports
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Checkpointer:
         if step not in self.steps():
             raise LabError(f"step={step}: no checkpoint at that step in {self.directory} (have {self.steps()})")
         abstract = None if like is None else jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        log_closed_loop_reports(self.directory.parent / LOG_NAME)  # a failed read's leftovers: to the run's log
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # orbax raises many types for truncated or foreign files: one line, never half a state

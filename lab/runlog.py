@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import traceback
 from pathlib import Path
 
 LOG_NAME = "run.log"
 keep_terminal = False  # set by `lab --debug` (lab.cli)
+_closed_loop_log: Path | None = None  # where log_closed_loop_reports sends them
 
 
 def _append(path: Path, text: str) -> None:
@@ -60,3 +62,33 @@ def background_log(path: Path):
         root.handlers, threading.excepthook, logging.raiseExceptions = saved
         with contextlib.suppress(OSError):  # the log's last lines may not fit on a full disk
             handler.close()
+
+
+def log_closed_loop_reports(path: Path) -> None:
+    """Before a checkpoint read: should it fail, send its leftover "Event loop is closed" reports to ``path``.
+
+    When orbax's restore fails on damaged files it closes its event loop while tensorstore still has reads in
+    flight; each of those completes a moment later, calls into the closed loop and prints a traceback of its own
+    through ``sys.unraisablehook`` (up to dozens of them, before or after the lab's one-line warning). From the
+    first read on, for the rest of the process, exactly these reports (a ``RuntimeError`` "Event loop is closed")
+    go to the log of the run read last; every other report still goes to the hook that was there before. ``lab
+    --debug`` (``LAB_DEBUG=1``) leaves the terminal as it is.
+    """
+    global _closed_loop_log
+    if keep_terminal or os.environ.get("LAB_DEBUG") == "1":
+        return
+    _closed_loop_log = path  # the run read last
+    if getattr(sys.unraisablehook, "lab_closed_loop", False):  # already in place
+        return
+    previous = sys.unraisablehook
+
+    def hook(report):
+        if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
+            lines = traceback.format_exception(report.exc_type, report.exc_value, report.exc_traceback)
+            _append(_closed_loop_log, "after a failed checkpoint read, from orbax's closed event loop:\n"
+                    + "".join(lines))
+        else:
+            previous(report)
+
+    hook.lab_closed_loop = True
+    sys.unraisablehook = hook
