@@ -24,6 +24,11 @@ keep_terminal = False  # set by `lab --debug` (lab.cli)
 _closed_loop_log: Path | None = None  # where log_closed_loop_reports sends them
 
 
+def _terminal_kept() -> bool:
+    """`lab --debug` (or ``LAB_DEBUG=1``): libraries and background threads report on the terminal as usual."""
+    return keep_terminal or os.environ.get("LAB_DEBUG") == "1"
+
+
 def _append(path: Path, text: str) -> None:
     try:
         with open(path, "a") as f:
@@ -35,7 +40,7 @@ def _append(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def background_log(path: Path):
     """Route logging and background threads' exceptions to ``path`` while the block runs (see the module)."""
-    if keep_terminal or os.environ.get("LAB_DEBUG") == "1":
+    if _terminal_kept():
         yield
         return
     root = logging.getLogger()
@@ -75,7 +80,7 @@ def log_closed_loop_reports(path: Path) -> None:
     --debug`` (``LAB_DEBUG=1``) leaves the terminal as it is.
     """
     global _closed_loop_log
-    if keep_terminal or os.environ.get("LAB_DEBUG") == "1":
+    if _terminal_kept():
         return
     _closed_loop_log = path  # the run read last
     if getattr(sys.unraisablehook, "lab_closed_loop", False):  # already in place

@@ -251,14 +251,19 @@ def test_bad_input_table(args, names, tmp_path, capsys):
     assert not out.exists()
 
 
+def _with_truncated_checkpoint(run: Path, to: Path, step: int) -> Path:
+    """A copy of ``run`` at ``to`` whose checkpoint ``step`` has every data file cut to a third."""
+    shutil.copytree(run, to)
+    for f in (to / "checkpoints" / str(step) / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    return to
+
+
 def test_a_damaged_checkpoint_is_one_warning_line_on_the_terminal(finished_run, tmp_path):
     """orbax's failed read leaves tensorstore reads in flight that later call into its closed event loop, each
     printing a traceback; `lab replay` shows the one warning line and those reports go to the run's run.log."""
-    broken = tmp_path / "broken"
-    shutil.copytree(finished_run, broken)
-    for f in (broken / "checkpoints" / "60" / "state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    broken = _with_truncated_checkpoint(finished_run, tmp_path / "broken", 60)
     env = {k: v for k, v in os.environ.items() if k != "LAB_DEBUG"}
     p = subprocess.run(lab_cmd("replay", str(broken), "--quiet"), capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
@@ -266,19 +271,16 @@ def test_a_damaged_checkpoint_is_one_warning_line_on_the_terminal(finished_run, 
     assert len(lines) == 1 and lines[0].startswith("warning: skipping checkpoint 60"), p.stderr
     log = broken / "run.log"
     if log.exists():  # how many reads were still in flight varies; what arrives is only those reports
-        reports = log.read_text().count("after a failed checkpoint read")
-        assert reports >= 1 and log.read_text().count("Traceback") == reports
+        text = log.read_text()
+        reports = text.count("after a failed checkpoint read")
+        assert reports >= 1 and text.count("Traceback") == reports
 
 
 def test_bad_run_directories_table(finished_run, tmp_path, capsys):
     """A run directory that is not a run, a fork step beyond the run, a truncated checkpoint."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    broken = tmp_path / "broken"
-    shutil.copytree(finished_run, broken)
-    for f in (broken / "checkpoints" / "60" / "state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":  # truncate every data file of checkpoint 60
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    broken = _with_truncated_checkpoint(finished_run, tmp_path / "broken", 60)
     (broken / "summary.json").unlink()
     cases = [
         (["resume", str(empty)], "not a run directory"),
